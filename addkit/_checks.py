@@ -1,0 +1,119 @@
+"""Input checks that raise clear errors.
+
+Every check names the calling function, the argument, what was expected and what was
+received, so that a user can fix the call without reading addkit's source. Nothing here
+falls back silently and nothing uses ``assert``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_choice",
+    "check_finite",
+    "check_floating",
+    "check_ndim",
+    "check_positive",
+    "check_same_shape",
+    "check_tensor",
+    "check_batch_vector",
+]
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def check_tensor(fn: str, name: str, x: Any) -> Tensor:
+    """Raise ``TypeError`` unless ``x`` is a tensor; return it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(fn: str, name: str, x: Any) -> Tensor:
+    """Raise ``TypeError`` unless ``x`` is a floating-point tensor."""
+    check_tensor(fn, name, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_ndim(
+    fn: str, name: str, x: Tensor, ndim: int | Sequence[int], *, layout: str | None = None
+) -> Tensor:
+    """Raise ``ValueError`` unless ``x.ndim`` is ``ndim`` (or one of several)."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in allowed:
+        want = " or ".join(str(n) for n in allowed)
+        hint = f" ({layout})" if layout else ""
+        raise ValueError(
+            f"{fn}: {name} must have {want} dimensions{hint}, got shape {_shape(x)}"
+        )
+    return x
+
+
+def check_same_shape(fn: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape (no broadcasting)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{fn}: {name_a} and {name_b} must have the same shape, "
+            f"got {_shape(a)} and {_shape(b)}"
+        )
+
+
+def check_finite(fn: str, name: str, x: Tensor) -> Tensor:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity.
+
+    This synchronises with the device; it is skipped while a CUDA graph is being captured
+    or while ``torch.compile`` traces, where a host read is not allowed.
+    """
+    if _in_capture_or_trace():
+        return x
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{fn}: {name} must be finite, got {n_nan} NaN and {n_inf} infinite values "
+            f"in a tensor of shape {_shape(x)}"
+        )
+    return x
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``; list the valid ones."""
+    options = tuple(choices)
+    if value not in options:
+        valid = ", ".join(repr(c) for c in options)
+        raise ValueError(f"{fn}: {name} must be one of {valid}; got {value!r}")
+    return value
+
+
+def check_positive(fn: str, name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Raise ``ValueError`` unless ``value`` is a positive (or non-negative) finite number."""
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and value == value and value != float("inf")):
+        want = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{fn}: {name} must be a finite {want} number, got {value!r}")
+    return value
+
+
+def check_batch_vector(fn: str, name: str, x: Tensor, batch: int) -> Tensor:
+    """Raise ``ValueError`` unless ``x`` has shape ``[batch]``."""
+    if x.ndim != 1 or x.shape[0] != batch:
+        raise ValueError(
+            f"{fn}: {name} must have shape ({batch},) (one value per sample), "
+            f"got {_shape(x)}"
+        )
+    return x
+
+
+def _in_capture_or_trace() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
