@@ -1,0 +1,313 @@
+"""Turn any network into a denoiser that returns $\\hat x_0$ (or eps / v / flow).
+
+One currency at the interface (k-diffusion's lesson): every part of addkit asks a model for
+$\\hat x_0(x_t, t)$. [`wrap`][addkit.denoisers.wrap] binds a network to its schedule and
+prediction type; adapters translate diffusers' call conventions; classifier-free guidance
+runs the conditional and unconditional branches in one batched forward.
+
+Examples:
+    >>> import torch
+    >>> from addkit.schedules import VPSchedule
+    >>> net = lambda x_t, t: torch.zeros_like(x_t)          # predicts eps = 0
+    >>> d = wrap(net, VPSchedule.scaled_linear(), "eps")
+    >>> x_t = torch.ones(2, 3)
+    >>> torch.allclose(d.x0(x_t, 999), x_t / 0.068265, rtol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from addkit._checks import check_floating
+from addkit.parameterization import convert, normalize_prediction
+from addkit.typing import Schedule
+
+__all__ = [
+    "DiffusersTransformerAdapter",
+    "DiffusersUNetAdapter",
+    "WrappedDenoiser",
+    "apply_cfg",
+    "wrap",
+]
+
+
+def apply_cfg(
+    cond: Tensor, uncond: Tensor, guidance_scale: float | Tensor, *, rescale: float = 0.0
+) -> Tensor:
+    """Classifier-free guidance $u + s\\,(c - u)$, with optional CFG rescale.
+
+    $$ \\hat y = u + s (c - u), \\qquad
+       \\hat y \\leftarrow \\phi\\,\\hat y\\,\\frac{\\operatorname{std}(c)}{\\operatorname{std}(\\hat y)}
+       + (1 - \\phi)\\,\\hat y $$
+
+    The same form applies to eps, v, x0 or flow outputs (every conversion is affine in the
+    prediction, so guiding before or after converting gives the same $\\hat x_0$).
+
+    Args:
+        cond: conditional prediction ``[B, ...]``.
+        uncond: unconditional (or negative-prompt) prediction, same shape.
+        guidance_scale: $s$, a number or one per sample ``[B]``.
+        rescale: $\\phi \\in [0, 1]$ of Lin et al. 2023 Alg. 2 (0 = off; they recommend 0.7).
+
+    Returns:
+        The guided prediction.
+
+    References:
+        Ho & Salimans, *Classifier-Free Diffusion Guidance*, 2022.
+        Lin et al., arXiv 2305.08891, §3.4, Algorithm 2.
+    """
+    scale = torch.as_tensor(guidance_scale, dtype=cond.dtype, device=cond.device)
+    if scale.ndim == 1:
+        scale = scale.reshape(-1, *([1] * (cond.ndim - 1)))
+    guided = uncond + scale * (cond - uncond)
+    if rescale:
+        dims = list(range(1, cond.ndim))
+        factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = rescale * guided * factor + (1 - rescale) * guided
+    return guided
+
+
+def _cat_cond(fn: str, uncond: Any, cond: Any, key: str) -> Any:
+    """Concatenate unconditional and conditional inputs along the batch (recursively)."""
+    if isinstance(cond, Tensor):
+        if not isinstance(uncond, Tensor) or uncond.shape != cond.shape:
+            got = tuple(uncond.shape) if isinstance(uncond, Tensor) else type(uncond).__name__
+            raise ValueError(
+                f"{fn}: uncond[{key!r}] must be a tensor of shape {tuple(cond.shape)} like "
+                f"cond[{key!r}], got {got}"
+            )
+        return torch.cat([uncond, cond])
+    if isinstance(cond, Mapping):
+        if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
+            raise ValueError(f"{fn}: uncond[{key!r}] must have the keys {sorted(cond)}")
+        return {k: _cat_cond(fn, uncond[k], cond[k], f"{key}.{k}") for k in cond}
+    if uncond != cond:
+        raise ValueError(f"{fn}: non-tensor conditioning {key!r} must be equal in cond and uncond")
+    return cond
+
+
+class WrappedDenoiser(nn.Module):
+    """A network bound to its schedule and prediction type.
+
+    ``forward`` returns the network's raw prediction; [`x0`][addkit.denoisers.WrappedDenoiser.x0],
+    ``eps``, ``v`` and ``flow`` convert it, optionally with classifier-free guidance.
+
+    Args:
+        model: callable ``model(x_t, t, **cond) -> prediction`` with ``t`` of shape ``[B]``
+            (integers for a discrete schedule, floats in ``[0, 1]`` for flow).
+        schedule: the noise schedule the model was trained with.
+        prediction: ``"eps" | "v" | "x0" | "flow"`` (diffusers' names accepted).
+    """
+
+    def __init__(self, model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> None:
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+        self.prediction = normalize_prediction(prediction, fn="WrappedDenoiser")
+
+    def _batch_t(self, t: Any, x_t: Tensor) -> Tensor:
+        fn = f"{type(self).__name__}"
+        discrete = getattr(self.schedule, "is_discrete", True)
+        if not isinstance(t, Tensor):
+            t = torch.tensor(t, dtype=torch.long if discrete else torch.float32)
+        t = t.to(x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(
+                f"{fn}: t must be a scalar or have shape ({x_t.shape[0]},), got {tuple(t.shape)}"
+            )
+        return t
+
+    def forward(self, x_t: Tensor, t: Any, **cond: Any) -> Tensor:
+        """The network's raw prediction for ``x_t`` at ``t`` (scalar or ``[B]``)."""
+        check_floating(type(self).__name__, "x_t", x_t)
+        return self.model(x_t, self._batch_t(t, x_t), **cond)
+
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Any,
+        *,
+        target: str = "x0",
+        guidance_scale: float | Tensor = 1.0,
+        uncond: Mapping[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        **cond: Any,
+    ) -> Tensor:
+        """Prediction converted to ``target``, with classifier-free guidance if asked.
+
+        Args:
+            x_t: noisy input ``[B, ...]``.
+            t: timestep(s): a scalar or ``[B]``.
+            target: ``"x0" | "eps" | "v" | "flow"``.
+            guidance_scale: CFG scale $s$ (number or ``[B]``); 1 runs the conditional
+                branch only.
+            uncond: unconditional (or negative) conditioning, same keys and shapes as
+                ``cond``; required when ``guidance_scale != 1``.
+            guidance_rescale: CFG rescale $\\phi$ (0 = off).
+            **cond: conditioning passed to the model (plain tensors or dicts of tensors).
+
+        Returns:
+            The ``target`` prediction, shape and dtype of ``x_t``.
+
+        Raises:
+            ValueError: if guidance is asked without ``uncond`` or with mismatched
+                conditioning.
+        """
+        fn = f"{type(self).__name__}.predict"
+        t = self._batch_t(t, x_t)
+        guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
+        if not guided:
+            raw = self.model(x_t, t, **cond)
+        else:
+            if uncond is None:
+                raise ValueError(f"{fn}: guidance_scale={guidance_scale} needs uncond=... (same keys as cond)")
+            if set(uncond) != set(cond):
+                raise ValueError(
+                    f"{fn}: uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}"
+                )
+            both = {k: _cat_cond(fn, uncond[k], cond[k], k) for k in cond}
+            raw_u, raw_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+            raw = apply_cfg(raw_c, raw_u, guidance_scale, rescale=guidance_rescale)
+        check_floating(fn, "model output", raw)
+        if raw.shape != x_t.shape:
+            raise ValueError(
+                f"{fn}: the model returned shape {tuple(raw.shape)} for x_t of shape {tuple(x_t.shape)}"
+            )
+        alpha, sigma = self.schedule.coefficients(t, x_t, fn=fn)  # type: ignore[attr-defined]
+        return convert(raw.to(x_t.dtype), x_t, alpha, sigma, source=self.prediction, target=target)
+
+    def x0(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
+        """$\\hat x_0$; keyword arguments as [`predict`][addkit.denoisers.WrappedDenoiser.predict]."""
+        return self.predict(x_t, t, target="x0", **kwargs)
+
+    def eps(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
+        """$\\hat\\epsilon$; keyword arguments as [`predict`][addkit.denoisers.WrappedDenoiser.predict]."""
+        return self.predict(x_t, t, target="eps", **kwargs)
+
+    def v(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
+        """$\\hat v$; keyword arguments as [`predict`][addkit.denoisers.WrappedDenoiser.predict]."""
+        return self.predict(x_t, t, target="v", **kwargs)
+
+    def flow(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
+        """$\\hat u = \\hat\\epsilon - \\hat x_0$; keyword arguments as [`predict`][addkit.denoisers.WrappedDenoiser.predict]."""
+        return self.predict(x_t, t, target="flow", **kwargs)
+
+
+def _model_dtype(module: nn.Module) -> torch.dtype | None:
+    param = next(module.parameters(), None)
+    return param.dtype if param is not None else None
+
+
+class DiffusersUNetAdapter(nn.Module):
+    """Call a diffusers UNet (``UNet2DConditionModel``, ``UNet2DModel``) as ``f(x_t, t, **cond)``.
+
+    SDXL's extra conditioning can be given flat (``text_embeds=``, ``time_ids=``) so that
+    classifier-free guidance can batch it, or as ``added_cond_kwargs=``. Inputs are cast to
+    the UNet's dtype and the output back to ``x_t``'s.
+
+    Args:
+        unet: the diffusers UNet.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        text_embeds: Tensor | None = None,
+        time_ids: Tensor | None = None,
+        **cond: Any,
+    ) -> Tensor:
+        """Run the UNet; ``cond`` holds e.g. ``encoder_hidden_states`` or ``class_labels``."""
+        dtype = _model_dtype(self.unet) or x_t.dtype
+        added = dict(cond.pop("added_cond_kwargs", None) or {})
+        if text_embeds is not None:
+            added["text_embeds"] = text_embeds
+        if time_ids is not None:
+            added["time_ids"] = time_ids
+        if added:
+            cond["added_cond_kwargs"] = {k: v.to(dtype) for k, v in added.items()}
+        if cond.get("encoder_hidden_states") is not None:
+            cond["encoder_hidden_states"] = cond["encoder_hidden_states"].to(dtype)
+        out = self.unet(x_t.to(dtype), t, return_dict=False, **cond)[0]
+        return out.to(x_t.dtype)
+
+
+class DiffusersTransformerAdapter(nn.Module):
+    """Call an SD3-style diffusers transformer as ``f(x_t, t, **cond)``.
+
+    The transformer receives ``timestep`` in diffusers' convention: $1000\\,\\sigma_t$ for
+    a [`FlowSchedule`][addkit.schedules.FlowSchedule], the integer step for a VP schedule.
+    Conditioning keys: ``encoder_hidden_states`` and ``pooled_projections``.
+
+    Args:
+        transformer: e.g. ``SD3Transformer2DModel``.
+        schedule: the schedule ``t`` refers to.
+    """
+
+    def __init__(self, transformer: nn.Module, schedule: Schedule) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.schedule = schedule
+
+    def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Run the transformer with ``hidden_states=x_t`` and the diffusers timestep."""
+        dtype = _model_dtype(self.transformer) or x_t.dtype
+        if getattr(self.schedule, "is_discrete", True):
+            timestep = t
+        else:
+            timestep = self.schedule.sigma(t) * self.schedule.num_train_timesteps
+        cond = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+        out = self.transformer(
+            hidden_states=x_t.to(dtype), timestep=timestep.to(dtype), return_dict=False, **cond
+        )[0]
+        return out.to(x_t.dtype)
+
+
+def _is_diffusers(model: Any, *names: str) -> bool:
+    """Whether ``model`` is one of diffusers' ``names`` (without importing diffusers)."""
+    if "diffusers" not in sys.modules:
+        return False
+    return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(model).__mro__)
+
+
+def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> WrappedDenoiser:
+    """Bind a network to its schedule and prediction type.
+
+    diffusers UNets and SD3-style transformers are adapted automatically; any other
+    callable ``model(x_t, t, **cond)`` is used as is.
+
+    Args:
+        model: the network.
+        schedule: its noise schedule.
+        prediction: ``"eps" | "v" | "x0" | "flow"`` (or diffusers' ``"epsilon"``,
+            ``"v_prediction"``, ``"sample"``).
+
+    Returns:
+        A [`WrappedDenoiser`][addkit.denoisers.WrappedDenoiser] with ``.x0`` / ``.eps`` /
+        ``.v`` / ``.flow``.
+
+    Raises:
+        ValueError: for an unknown prediction type.
+        TypeError: if ``model`` is not callable.
+    """
+    if isinstance(model, WrappedDenoiser):
+        return model
+    if not callable(model):
+        raise TypeError(f"wrap: model must be callable, got {type(model).__name__}")
+    if _is_diffusers(model, "UNet2DConditionModel", "UNet2DModel"):
+        model = DiffusersUNetAdapter(model)  # type: ignore[arg-type]
+    elif _is_diffusers(model, "SD3Transformer2DModel"):
+        model = DiffusersTransformerAdapter(model, schedule)  # type: ignore[arg-type]
+    return WrappedDenoiser(model, schedule, prediction)
