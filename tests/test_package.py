@@ -1,0 +1,28 @@
+"""Package hygiene: importing addkit loads no optional dependency; the public API is complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import addkit
+
+OPTIONAL = ("timm", "open_clip", "diffusers", "transformers", "accelerate", "peft", "safetensors", "tqdm")
+
+
+def _loaded(imports: str) -> set[str]:
+    code = f"import sys\n{imports}\nprint(' '.join(m for m in {OPTIONAL!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_import_addkit_loads_no_optional_package() -> None:
+    baseline = _loaded("import torch, einops")  # torch itself may import e.g. tqdm
+    loaded = _loaded("import addkit, addkit.losses, addkit.discriminators, addkit.sampling")
+    assert loaded - baseline == set(), f"import addkit loaded optional packages: {loaded - baseline}"
+
+
+def test_public_api_names_resolve() -> None:
+    assert addkit.__version__ == "0.1.0"
+    for name in addkit.__all__:
+        assert getattr(addkit, name) is not None, name
