@@ -263,7 +263,7 @@ class _AdversarialLoss(nn.Module):
 
 
 class HingeDLoss(_AdversarialLoss):
-    """Module form of [`hinge_d_loss`][addkit.losses.hinge_d_loss].
+    """Module form of [`hinge_d_loss`][addkit.losses.adversarial.hinge_d_loss].
 
     Examples:
         >>> HingeDLoss()(torch.ones(2, 3), -torch.ones(2, 3))
@@ -277,7 +277,7 @@ class HingeDLoss(_AdversarialLoss):
 
 
 class HingeGLoss(_AdversarialLoss):
-    """Module form of [`hinge_g_loss`][addkit.losses.hinge_g_loss].
+    """Module form of [`hinge_g_loss`][addkit.losses.adversarial.hinge_g_loss].
 
     Examples:
         >>> HingeGLoss()(torch.ones(2, 3))
@@ -289,7 +289,7 @@ class HingeGLoss(_AdversarialLoss):
 
 
 class NonSaturatingDLoss(_AdversarialLoss):
-    """Module form of [`non_saturating_d_loss`][addkit.losses.non_saturating_d_loss].
+    """Module form of [`non_saturating_d_loss`][addkit.losses.adversarial.non_saturating_d_loss]
 
     Examples:
         >>> NonSaturatingDLoss(reduction="sum")(torch.zeros(2, 1), torch.zeros(2, 1))
@@ -305,7 +305,7 @@ class NonSaturatingDLoss(_AdversarialLoss):
 
 
 class NonSaturatingGLoss(_AdversarialLoss):
-    """Module form of [`non_saturating_g_loss`][addkit.losses.non_saturating_g_loss].
+    """Module form of [`non_saturating_g_loss`][addkit.losses.adversarial.non_saturating_g_loss]
 
     Examples:
         >>> NonSaturatingGLoss()(torch.zeros(2, 1))
