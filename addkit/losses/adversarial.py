@@ -25,8 +25,6 @@ References:
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Callable, Sequence
 from typing import get_args
 
@@ -34,8 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
 
-from addkit._checks import check_choice, check_finite, check_floating, check_ndim, check_same_shape
+from addkit._checks import check_choice, check_same_shape
 from addkit._reduce import reduce_loss
+from addkit.losses._heads import as_heads, sum_all
 from addkit.typing import Reduction
 
 __all__ = [
@@ -54,37 +53,9 @@ HeadLogits = Tensor | Sequence[Tensor]
 """Discriminator logits: one ``[B, K]`` tensor (one head) or a sequence, one per head."""
 
 
-def as_heads(fn: str, name: str, logits: HeadLogits) -> list[Tensor]:
-    """Check discriminator logits and return them as a list of ``[B, K_h]`` heads."""
-    heads = [logits] if isinstance(logits, Tensor) else logits
-    if not isinstance(heads, Sequence) or len(heads) == 0:
-        empty = " (empty)" if isinstance(heads, Sequence) else ""
-        raise TypeError(
-            f"{fn}: {name} must be a [B, K] tensor or a non-empty sequence of them, "
-            f"got {type(logits).__name__}{empty}"
-        )
-    many = not isinstance(logits, Tensor)
-    for i, head in enumerate(heads):
-        label = f"{name}[{i}]" if many else name
-        check_floating(fn, label, head)
-        check_ndim(fn, label, head, 2, layout="[batch, tokens]; pass several heads as a list")
-        check_finite(fn, label, head)
-        if head.shape[0] != heads[0].shape[0]:
-            raise ValueError(
-                f"{fn}: every head of {name} must have the same batch size, got "
-                f"{heads[0].shape[0]} for head 0 and {head.shape[0]} for head {i}"
-            )
-    return list(heads)
-
-
 def _per_sample(heads: list[Tensor], f: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``f`` to every logit; mean over tokens, sum over heads: ``[B]``."""
     return sum_all([f(h).mean(1) for h in heads])
-
-
-def sum_all(tensors: list[Tensor]) -> Tensor:
-    """Elementwise sum of a non-empty list of tensors (with type promotion)."""
-    return functools.reduce(operator.add, tensors)
 
 
 def _paired(

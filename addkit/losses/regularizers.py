@@ -30,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from addkit._checks import check_floating, check_positive
 from addkit._reduce import reduce_loss
-from addkit.losses.adversarial import HeadLogits, as_heads, sum_all
+from addkit.losses._heads import as_heads, sum_all
+from addkit.losses.adversarial import HeadLogits
 from addkit.typing import Reduction
 
 __all__ = ["LazyRegularizer", "approximate_r1", "r1_context", "r1_penalty", "r1_penalty_images"]
