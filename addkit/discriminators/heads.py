@@ -1,0 +1,217 @@
+"""Discriminator heads on token features, with projection conditioning (StyleGAN-T design).
+
+One head per tap maps tokens ``[B, C, N]`` to one logit per token ``[B, N]``:
+
+1. a block with kernel 1, then a residual block with kernel 9, each block being a
+   spectral-normalised ``Conv1d`` (circular padding) ->
+   [`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal] -> ``LeakyReLU(0.2)``;
+   the residual sum is scaled by $1/\\sqrt 2$;
+2. an output ``Conv1d`` (kernel 1) to ``cmap_dim`` channels when conditioned, else to 1;
+3. projection conditioning (Miyato & Koyama) with $c_{map} = W c$:
+
+$$ \\ell_{b,n} = \\frac{1}{\\sqrt{d_{map}}} \\sum_{j=1}^{d_{map}} h_{b,j,n}\\, c_{map,b,j}. $$
+
+Higher logits mean "real".
+
+Spectral norm uses ``torch.nn.utils.parametrizations.spectral_norm`` (one power iteration
+per training-mode forward, none in eval mode); it supports double backward, which R1 on
+the head inputs needs.
+
+References:
+    Sauer et al., *StyleGAN-T*, arXiv 2301.09515, §3.2 (discriminator heads).
+    Miyato & Koyama, *cGANs with Projection Discriminator*, arXiv 1802.05637.
+    Miyato et al., *Spectral Normalization for GANs*, arXiv 1802.05957.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from addkit._checks import check_floating, check_ndim
+
+__all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "projection_logits"]
+
+
+def projection_logits(h: Tensor, cmap: Tensor) -> Tensor:
+    """Projection-conditioned logits $\\ell_{b,n} = \\sum_j h_{b,j,n} c_{b,j} / \\sqrt{d}$.
+
+    Args:
+        h: head output ``[B, d, N]``.
+        cmap: projected conditioning ``[B, d]``.
+
+    Returns:
+        Logits ``[B, N]``.
+
+    Examples:
+        >>> projection_logits(torch.ones(1, 4, 3), torch.ones(1, 4))
+        tensor([[2., 2., 2.]])
+    """
+    return einsum(h, cmap, "b d n, b d -> b n") / math.sqrt(h.shape[1])
+
+
+class BatchNormLocal(nn.Module):
+    """Batch norm over small groups of samples ("virtual batches"), without running stats.
+
+    The batch is split into $G = \\lceil B / v \\rceil$ contiguous groups of near-equal size
+    (sizes differ by at most one; StyleGAN-T's grouping when $G$ divides $B$). Per group and
+    channel, mean and biased variance are taken over the group's samples and tokens:
+
+    $$ y = \\gamma\\,\\frac{x - \\mu_g}{\\sqrt{\\sigma_g^2 + \\epsilon}} + \\beta. $$
+
+    Train and eval modes behave the same. Statistics are computed in (at least) float32. Call the
+    discriminator on real and fake batches separately so they are never normalised together.
+
+    Args:
+        num_features: channels ``C``.
+        virtual_batch_size: $v$, samples per group (StyleGAN-T: 8).
+        eps: added to the variance.
+        affine: learn $\\gamma$ (ones) and $\\beta$ (zeros).
+
+    Examples:
+        >>> bn = BatchNormLocal(4)
+        >>> y = bn(torch.randn(16, 4, 10))
+        >>> torch.allclose(y[:8].mean((0, 2)), torch.zeros(4), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self, num_features: int, *, virtual_batch_size: int = 8, eps: float = 1e-5, affine: bool = True
+    ) -> None:
+        super().__init__()
+        if virtual_batch_size < 1:
+            raise ValueError(f"BatchNormLocal: virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        self.virtual_batch_size = int(virtual_batch_size)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    def group_index(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        """Group of each sample ``[B]``: $\\lfloor i G / B \\rfloor$."""
+        groups = math.ceil(batch_size / self.virtual_batch_size)
+        return torch.arange(batch_size, device=device) * groups // batch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
+        check_ndim("BatchNormLocal", "x", x, 3, layout="[B, C, N]")
+        B, C, N = x.shape
+        groups = math.ceil(B / self.virtual_batch_size)
+        idx = self.group_index(B, x.device)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in >= float32
+        zeros = x32.new_zeros(groups, C)
+        count = x32.new_zeros(groups).index_add(0, idx, x32.new_full((B,), float(N)))[:, None]
+        mean_g = zeros.index_add(0, idx, x32.sum(2)) / count
+        centred = x32 - mean_g[idx][..., None]
+        var_g = zeros.index_add(0, idx, centred.square().sum(2)) / count
+        y = centred * torch.rsqrt(var_g[idx][..., None] + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.to(y.dtype)[:, None] + self.bias.to(y.dtype)[:, None]
+        return y.to(x.dtype)
+
+
+class EqualizedLinear(nn.Module):
+    """Linear layer with equalised learning rate (StyleGAN-T's conditioning map).
+
+    The weight is drawn from $N(0, 1)$ and scaled by $1/\\sqrt{d_{in}}$ at run time; with
+    Adam this makes the effective step size independent of ``in_features``. Bias starts at 0.
+
+    Args:
+        in_features: $d_{in}$.
+        out_features: $d_{out}$.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.gain = 1.0 / math.sqrt(in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, d_in] -> [B, d_out]``."""
+        return F.linear(x, self.weight * self.gain, self.bias)
+
+
+def _block(channels: int, kernel_size: int, virtual_batch_size: int) -> nn.Sequential:
+    conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
+    return nn.Sequential(
+        spectral_norm(conv),
+        BatchNormLocal(channels, virtual_batch_size=virtual_batch_size),
+        nn.LeakyReLU(0.2),
+    )
+
+
+class _Residual(nn.Module):
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.fn(x) + x) / math.sqrt(2)
+
+
+class DiscHead(nn.Module):
+    """One discriminator head: token features ``[B, C, N]`` to logits ``[B, N]``.
+
+    Args:
+        channels: ``C`` of the tap it reads.
+        c_dim: width of the conditioning vector, or ``None`` for an unconditional head.
+        cmap_dim: projection width $d_{map}$ (StyleGAN-T: 64).
+        kernel_size: kernel of the residual block (StyleGAN-T: 9, odd).
+        virtual_batch_size: group size of [`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal].
+
+    Examples:
+        >>> head = DiscHead(16, c_dim=8)
+        >>> head(torch.randn(2, 16, 10), torch.randn(2, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        c_dim: int | None = None,
+        cmap_dim: int = 64,
+        kernel_size: int = 9,
+        virtual_batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"DiscHead: kernel_size must be a positive odd number, got {kernel_size}")
+        self.channels = int(channels)
+        self.c_dim = c_dim
+        self.cmap_dim = int(cmap_dim)
+        self.kernel_size = int(kernel_size)
+        self.main = nn.Sequential(
+            _block(channels, 1, virtual_batch_size),
+            _Residual(_block(channels, kernel_size, virtual_batch_size)),
+        )
+        out_channels = self.cmap_dim if c_dim else 1
+        self.out = spectral_norm(nn.Conv1d(channels, out_channels, kernel_size=1))
+        self.cmapper = EqualizedLinear(c_dim, self.cmap_dim) if c_dim else None
+
+    def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """Logits ``[B, N]`` of tokens ``x`` ``[B, C, N]`` given conditioning ``c`` ``[B, c_dim]``."""
+        fn = "DiscHead"
+        check_floating(fn, "x", x)
+        check_ndim(fn, "x", x, 3, layout="[B, C, N]")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"{fn}: x must have {self.channels} channels, got shape {tuple(x.shape)}")
+        if x.shape[2] < self.kernel_size // 2:
+            raise ValueError(
+                f"{fn}: x needs at least {self.kernel_size // 2} tokens for kernel_size "
+                f"{self.kernel_size} with circular padding, got shape {tuple(x.shape)}"
+            )
+        h = self.out(self.main(x))
+        if self.cmapper is None:
+            if c is not None:
+                raise ValueError(f"{fn}: got conditioning c but the head was built with c_dim=None")
+            return h[:, 0]
+        if c is None or c.ndim != 2 or c.shape != (x.shape[0], self.c_dim):
+            got = None if c is None else tuple(c.shape)
+            raise ValueError(f"{fn}: c must have shape ({x.shape[0]}, {self.c_dim}), got {got}")
+        return projection_logits(h, self.cmapper(c))
