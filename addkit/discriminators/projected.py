@@ -1,0 +1,332 @@
+"""Projected discriminator: a frozen feature network plus small trainable heads.
+
+$$ D(x, c) = \\big[\\, h_k(F_k(\\operatorname{aug}(x)),\\ c) \\,\\big]_{k=1}^{K_{taps}}
+   \\in \\mathbb{R}^{B \\times \\sum_k N_k} $$
+
+one logit per token of every tap, concatenated (higher = real). The loss decides how to
+reduce them (addkit's default: sum over heads, mean over tokens and batch).
+
+The feature network is held *outside* the module tree: ``parameters()``, ``state_dict()``,
+``requires_grad_()`` and DDP see only the heads, so an optimizer built from
+``D.parameters()`` and a GAN loop that toggles ``D.requires_grad_(...)`` never touch the
+backbone. ``.to()``, ``.cuda()``, ``.half()`` and friends are forwarded to it, and
+``state_dict(include_features=True)`` adds it under the ``features.`` prefix.
+
+References:
+    Sauer et al., *Adversarial Diffusion Distillation*, arXiv 2311.17042, §3.2 (frozen
+    DINOv2 features, trainable heads, text + image conditioning, R1 on the head inputs).
+    Sauer et al., *StyleGAN-T*, arXiv 2301.09515, §3.2.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from addkit._checks import check_floating
+from addkit.discriminators.clip import CLIPFeatures
+from addkit.discriminators.heads import DiscHead
+from addkit.discriminators.vit import DINOv2Features
+from addkit.typing import FeatureNetwork
+
+__all__ = ["ProjectedDiscriminator"]
+
+_PREFIX = "features."
+
+
+class ProjectedDiscriminator(nn.Module):
+    """ADD's discriminator: frozen features, one [`DiscHead`][addkit.discriminators.heads.DiscHead] per tap.
+
+    Conditioning: ``c_text`` and ``c_image`` (when configured) are concatenated and each
+    head projects the result with its own linear map to ``cmap_dim``. How ADD combines its
+    text and image embeddings is not stated in the paper (SPEC-DETAIL §2.6, UNVERIFIED);
+    concatenation is the choice made here. Zeroing ``c_image`` at the pure-noise student
+    step is left to the caller.
+
+    Gradient and memory policy of [`extract`][addkit.discriminators.projected.ProjectedDiscriminator.extract]:
+    images that do not require grad (real images, detached fakes) run the feature network
+    under ``torch.no_grad()``, so the returned features are graph-free leaves; images that
+    require grad (generator step) keep the graph to the images. The feature network never
+    gets parameter gradients.
+
+    Args:
+        features: a [`FeatureNetwork`][addkit.typing.FeatureNetwork] (``channels`` + a call
+            returning ``[B, C_i, N_i]`` per tap), e.g.
+            [`DINOv2Features`][addkit.discriminators.vit.DINOv2Features]. An ``nn.Module``
+            one is frozen (``requires_grad_(False)``, ``eval()``).
+        c_text_dim: width of the text embedding, or ``None`` for no text conditioning.
+        c_image_dim: width of the image embedding, or ``None``.
+        augment: called as ``augment(images, generator=...)`` before the features in
+            training mode (e.g. [`DiffAugment`][addkit.discriminators.augment.DiffAugment]);
+            ``None`` for none. Not applied in eval mode.
+        cmap_dim: projection width (StyleGAN-T: 64).
+        kernel_size: residual-block kernel of the heads (9).
+        virtual_batch_size: group size of the heads' local batch norm (8).
+
+    Raises:
+        TypeError: if ``features`` has no ``channels``.
+
+    Examples:
+        >>> from addkit.discriminators import TappedFeatures
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU())
+        >>> D = ProjectedDiscriminator(TappedFeatures(net, ["0", "1"], resolution=32), c_text_dim=6)
+        >>> D(torch.rand(2, 3, 64, 64) * 2 - 1, c_text=torch.randn(2, 6)).shape
+        torch.Size([2, 128])
+        >>> sorted({k.split(".")[0] for k in D.state_dict()})
+        ['heads']
+    """
+
+    def __init__(
+        self,
+        features: FeatureNetwork,
+        *,
+        c_text_dim: int | None = None,
+        c_image_dim: int | None = None,
+        augment: Callable[..., Tensor] | None = None,
+        cmap_dim: int = 64,
+        kernel_size: int = 9,
+        virtual_batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        fn = "ProjectedDiscriminator"
+        if not hasattr(features, "channels") or not callable(features):
+            raise TypeError(
+                f"{fn}: features must be a FeatureNetwork (callable with a `channels` list), "
+                f"got {type(features).__name__}"
+            )
+        if isinstance(features, nn.Module):
+            features.requires_grad_(False).eval()
+        self.__dict__["_features"] = features  # not a registered submodule: see module docs
+        call = features.forward if isinstance(features, nn.Module) else features
+        self._features_take_generator = "generator" in inspect.signature(call).parameters
+        self.c_text_dim = c_text_dim
+        self.c_image_dim = c_image_dim
+        c_dim = (c_text_dim or 0) + (c_image_dim or 0) or None
+        self.heads = nn.ModuleList(
+            DiscHead(
+                c,
+                c_dim=c_dim,
+                cmap_dim=cmap_dim,
+                kernel_size=kernel_size,
+                virtual_batch_size=virtual_batch_size,
+            )
+            for c in features.channels
+        )
+        self.augment = augment
+
+    # -- construction from pretrained backbones -------------------------------------------
+    @classmethod
+    def from_dinov2(
+        cls,
+        model_name: str = "vit_small_patch14_dinov2.lvd142m",
+        *,
+        pretrained: bool | str = True,
+        resolution: int = 224,
+        taps: Sequence[int | str] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ProjectedDiscriminator:
+        """ADD's default: DINOv2 ViT-S/14 features (timm), five heads.
+
+        Args:
+            model_name: timm model name.
+            pretrained: ``True`` for timm's weights, a path for a local file, ``False`` for
+                random weights (tests).
+            resolution: DINOv2 input side (224 default; 518 native).
+            taps: see [`DINOv2Features`][addkit.discriminators.vit.DINOv2Features].
+            model_kwargs: extra ``timm.create_model`` arguments.
+            **kwargs: passed to the constructor (``c_text_dim``, ``augment``, ...).
+        """
+        features = DINOv2Features.from_timm(
+            model_name, pretrained=pretrained, resolution=resolution, taps=taps, **dict(model_kwargs or {})
+        )
+        return cls(features, **kwargs)
+
+    @classmethod
+    def from_clip(
+        cls,
+        model_name: str = "ViT-L-14",
+        *,
+        pretrained: bool | str = True,
+        resolution: int | None = None,
+        taps: Sequence[int | str] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ProjectedDiscriminator:
+        """CLIP image-tower features (open_clip, ADD's other ablated backbone).
+
+        See [`CLIPFeatures`][addkit.discriminators.clip.CLIPFeatures].
+
+        Args:
+            model_name: open_clip architecture.
+            pretrained: ``True`` for OpenAI's weights, a tag or file path, ``False`` for random.
+            resolution: input side (default the architecture's).
+            taps: block indices and/or ``"embed"``.
+            model_kwargs: extra ``open_clip.create_model`` arguments.
+            **kwargs: passed to the constructor.
+        """
+        features = CLIPFeatures.from_open_clip(
+            model_name, pretrained=pretrained, resolution=resolution, taps=taps, **dict(model_kwargs or {})
+        )
+        return cls(features, **kwargs)
+
+    # -- forward -------------------------------------------------------------------------------
+    @property
+    def features(self) -> FeatureNetwork:
+        """The frozen feature network (not part of ``parameters()`` or ``state_dict()``)."""
+        return self._features
+
+    def extract(
+        self, images: Tensor, *, generator: torch.Generator | None = None, **feature_kwargs: Any
+    ) -> list[Tensor]:
+        """Augment (in training mode) and compute the head inputs ``[B, C_i, N_i]``.
+
+        For R1 on the head inputs (ADD §3.2), make the real features require grad and
+        differentiate the logits with respect to them::
+
+            feats = [f.requires_grad_() for f in D.extract(real)]
+            logits = D.classify(feats, c_text, c_image)
+
+        Args:
+            images: ``[B, 3, H, W]`` in ``[-1, 1]`` (latents for
+                [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures]).
+            generator: randomness for the augmentation, and for the feature network when its
+                forward takes a ``generator`` (TeacherFeatures' noise and noise level).
+            **feature_kwargs: passed to the feature network (e.g. ``t=``,
+                ``encoder_hidden_states=`` for TeacherFeatures).
+
+        Returns:
+            One tensor per head; graph-free when ``images`` does not require grad.
+
+        Raises:
+            TypeError: if ``images`` is not a floating tensor.
+            ValueError: if the feature network breaks its contract (count, rank, channels).
+        """
+        fn = "ProjectedDiscriminator.extract"
+        check_floating(fn, "images", images)
+        if self._features_take_generator:
+            feature_kwargs["generator"] = generator
+        with torch.set_grad_enabled(images.requires_grad and torch.is_grad_enabled()):
+            x = images
+            if self.augment is not None and self.training:
+                x = self.augment(x, generator=generator)
+            feats = list(self._features(x, **feature_kwargs))
+        channels = [h.channels for h in self.heads]
+        if len(feats) != len(channels):
+            raise ValueError(
+                f"{fn}: the feature network returned {len(feats)} taps, expected {len(channels)}"
+            )
+        for i, (f, c) in enumerate(zip(feats, channels)):
+            if f.ndim != 3 or f.shape[0] != images.shape[0] or f.shape[1] != c:
+                raise ValueError(
+                    f"{fn}: feature {i} must have shape ({images.shape[0]}, {c}, N), got {tuple(f.shape)}"
+                )
+        return feats
+
+    def classify(
+        self, features: Sequence[Tensor], c_text: Tensor | None = None, c_image: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B, sum_k N_k]`` (float32, higher = real) of the head inputs.
+
+        ``features`` come from
+        [`extract`][addkit.discriminators.projected.ProjectedDiscriminator.extract].
+
+        Args:
+            features: one ``[B, C_k, N_k]`` tensor per head.
+            c_text: text embedding ``[B, c_text_dim]``; required iff ``c_text_dim`` was set.
+            c_image: image embedding ``[B, c_image_dim]``; required iff ``c_image_dim`` was set.
+
+        Raises:
+            ValueError: for a wrong number of features or conditioning of the wrong width,
+                missing or unexpected.
+        """
+        fn = "ProjectedDiscriminator.classify"
+        if len(features) != len(self.heads):
+            raise ValueError(
+                f"{fn}: expected {len(self.heads)} feature tensors (one per head), got {len(features)}"
+            )
+        c = self._conditioning(fn, c_text, c_image, features[0].shape[0])
+        dtype = next(self.heads.parameters()).dtype
+        cast = not torch.is_autocast_enabled(features[0].device.type)
+        c = c.to(dtype) if c is not None and cast else c
+        logits = [head(f.to(dtype) if cast else f, c) for head, f in zip(self.heads, features)]
+        return torch.cat(logits, dim=1).float()
+
+    def forward(
+        self,
+        images: Tensor,
+        c_text: Tensor | None = None,
+        c_image: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        **feature_kwargs: Any,
+    ) -> Tensor:
+        """``classify(extract(images), c_text, c_image)``: logits ``[B, K]``, higher = real."""
+        feats = self.extract(images, generator=generator, **feature_kwargs)
+        return self.classify(feats, c_text, c_image)
+
+    def _conditioning(
+        self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int
+    ) -> Tensor | None:
+        parts = []
+        for name, c, dim in (("c_text", c_text, self.c_text_dim), ("c_image", c_image, self.c_image_dim)):
+            if dim is None:
+                if c is not None:
+                    raise ValueError(f"{fn}: got {name} but the discriminator was built with {name}_dim=None")
+                continue
+            if c is None:
+                raise ValueError(f"{fn}: {name} is required (built with {name}_dim={dim}), got None")
+            check_floating(fn, name, c)
+            if tuple(c.shape) != (batch, dim):
+                raise ValueError(f"{fn}: {name} must have shape ({batch}, {dim}), got {tuple(c.shape)}")
+            parts.append(c)
+        return torch.cat(parts, dim=1) if parts else None
+
+    # -- module plumbing: keep the backbone frozen, out of state_dict, but moved along ----------
+    def train(self, mode: bool = True) -> ProjectedDiscriminator:
+        """Set the heads' mode; the feature network stays in eval mode."""
+        super().train(mode)
+        if isinstance(self._features, nn.Module):
+            self._features.eval()
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ProjectedDiscriminator:
+        if recurse and isinstance(self._features, nn.Module):
+            self._features._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def state_dict(
+        self,
+        *,
+        destination: Any = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+        include_features: bool = False,
+    ) -> dict[str, Any]:
+        """Trainable state (heads); with ``include_features`` also the backbone under ``features.``."""
+        out = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if include_features and isinstance(self._features, nn.Module):
+            self._features.state_dict(destination=out, prefix=prefix + _PREFIX, keep_vars=keep_vars)
+        return out
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load heads; ``features.``-prefixed entries (if any) go to the feature network."""
+        own = {k: v for k, v in state_dict.items() if not k.startswith(_PREFIX)}
+        backbone = {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+        result = super().load_state_dict(own, strict=strict, assign=assign)
+        if backbone and isinstance(self._features, nn.Module):
+            extra = self._features.load_state_dict(backbone, strict=strict, assign=assign)
+            result.missing_keys.extend(_PREFIX + k for k in extra.missing_keys)
+            result.unexpected_keys.extend(_PREFIX + k for k in extra.unexpected_keys)
+        return result
+
+    def extra_repr(self) -> str:
+        name = type(self._features).__name__
+        dims = f"c_text_dim={self.c_text_dim}, c_image_dim={self.c_image_dim}"
+        return f"features={name} (frozen, not in state_dict), {dims}"
