@@ -4,7 +4,8 @@ $$ D(x, c) = \\big[\\, h_k(F_k(\\operatorname{aug}(x)),\\ c) \\,\\big]_{k=1}^{K_
    \\in \\mathbb{R}^{B \\times \\sum_k N_k} $$
 
 one logit per token of every tap, concatenated (higher = real). The loss decides how to
-reduce them (addkit's default: sum over heads, mean over tokens and batch).
+reduce them; addkit's losses default to sum over heads, mean over tokens and batch when
+given the list of heads, which ``per_head=True`` returns.
 
 The feature network is held *outside* the module tree: ``parameters()``, ``state_dict()``,
 ``requires_grad_()`` and DDP see only the heads, so an optimizer built from
@@ -228,8 +229,13 @@ class ProjectedDiscriminator(nn.Module):
         return feats
 
     def classify(
-        self, features: Sequence[Tensor], c_text: Tensor | None = None, c_image: Tensor | None = None
-    ) -> Tensor:
+        self,
+        features: Sequence[Tensor],
+        c_text: Tensor | None = None,
+        c_image: Tensor | None = None,
+        *,
+        per_head: bool = False,
+    ) -> Tensor | list[Tensor]:
         """Logits ``[B, sum_k N_k]`` (float32, higher = real) of the head inputs.
 
         ``features`` come from
@@ -239,6 +245,10 @@ class ProjectedDiscriminator(nn.Module):
             features: one ``[B, C_k, N_k]`` tensor per head.
             c_text: text embedding ``[B, c_text_dim]``; required iff ``c_text_dim`` was set.
             c_image: image embedding ``[B, c_image_dim]``; required iff ``c_image_dim`` was set.
+            per_head: return one ``[B, N_k]`` tensor per head instead of their concatenation.
+
+        Returns:
+            ``[B, sum_k N_k]`` logits, or a list of ``[B, N_k]`` with ``per_head=True``.
 
         Raises:
             ValueError: for a wrong number of features or conditioning of the wrong width,
@@ -253,8 +263,8 @@ class ProjectedDiscriminator(nn.Module):
         dtype = next(self.heads.parameters()).dtype
         cast = not torch.is_autocast_enabled(features[0].device.type)
         c = c.to(dtype) if c is not None and cast else c
-        logits = [head(f.to(dtype) if cast else f, c) for head, f in zip(self.heads, features)]
-        return torch.cat(logits, dim=1).float()
+        logits = [head(f.to(dtype) if cast else f, c).float() for head, f in zip(self.heads, features)]
+        return logits if per_head else torch.cat(logits, dim=1)
 
     def forward(
         self,
@@ -262,12 +272,17 @@ class ProjectedDiscriminator(nn.Module):
         c_text: Tensor | None = None,
         c_image: Tensor | None = None,
         *,
+        per_head: bool = False,
         generator: torch.Generator | None = None,
         **feature_kwargs: Any,
-    ) -> Tensor:
-        """``classify(extract(images), c_text, c_image)``: logits ``[B, K]``, higher = real."""
+    ) -> Tensor | list[Tensor]:
+        """``classify(extract(images), c_text, c_image)``: logits ``[B, K]``, higher = real.
+
+        With ``per_head=True``, one ``[B, N_k]`` tensor per head (what addkit's losses need
+        for their default "sum over heads, mean over tokens" reduction).
+        """
         feats = self.extract(images, generator=generator, **feature_kwargs)
-        return self.classify(feats, c_text, c_image)
+        return self.classify(feats, c_text, c_image, per_head=per_head)
 
     def _conditioning(
         self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int

@@ -55,6 +55,15 @@ def test_output_shapes(size: int, cond: str, base: ProjectedDiscriminator) -> No
     assert len(D.heads) == len(D.features.taps) == 5
 
 
+def test_per_head_logits(D: ProjectedDiscriminator) -> None:
+    D.eval()
+    feats = D.extract(_images())
+    c = (torch.randn(2, 8), torch.randn(2, 6))
+    heads = D.classify(feats, *c, per_head=True)
+    assert [tuple(h.shape) for h in heads] == [(2, N_TOKENS)] * 5
+    torch.testing.assert_close(torch.cat(heads, dim=1), D.classify(feats, *c))
+
+
 def test_conditioning_changes_logits(D: ProjectedDiscriminator) -> None:
     D.eval()
     x = _images()
@@ -91,6 +100,20 @@ def test_r1_on_head_inputs(D: ProjectedDiscriminator) -> None:
     sum(g.square().sum() for g in grads).backward()
     assert all(p.grad is None for p in D.features.parameters())
     assert sum(p.grad is not None for p in D.heads.parameters()) > 0
+
+
+def test_discriminator_step_with_addkit_losses(D: ProjectedDiscriminator) -> None:
+    """ADD's D step: hinge on per-head logits + gamma * R1 on the head inputs (features)."""
+    from addkit.losses import hinge_d_loss, r1_penalty
+
+    c = (torch.randn(2, 8), torch.randn(2, 6))
+    real_feats = [f.requires_grad_() for f in D.extract(_images())]
+    real = D.classify(real_feats, *c, per_head=True)
+    fake = D(_images(grad=True).detach(), *c, per_head=True)
+    loss = hinge_d_loss(real, fake) + 1e-5 * r1_penalty(real, real_feats)
+    loss.backward()
+    assert all(p.grad is None for p in D.features.parameters())
+    assert all(p.grad is not None for p in D.heads.parameters())
 
 
 def test_real_path_keeps_no_graph(D: ProjectedDiscriminator) -> None:
