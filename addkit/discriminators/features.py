@@ -34,6 +34,8 @@ __all__ = [
     "check_images",
     "default_select",
     "preprocess_images",
+    "recording",
+    "resolve_submodules",
     "to_tokens",
 ]
 
