@@ -282,8 +282,8 @@ class TappedFeatures(FrozenFeatures):
         self.freeze()
         if channels is None:
             side = resolution or 224
-            param = next(module.parameters(), None)
-            probe = torch.zeros(1, 3, side, side, device=None if param is None else param.device)
+            param = next(module.parameters(), torch.zeros(()))
+            probe = param.new_zeros(1, 3, side, side)
             with torch.no_grad():
                 channels = [f.shape[1] for f in self(probe)]
         self._channels = [int(c) for c in channels]

@@ -120,3 +120,9 @@ def test_bad_inputs() -> None:
         ValueError, match=r"TappedFeatures: images must have 4 dimensions .* got shape \(3, 16, 16\)"
     ):
         feats(torch.zeros(3, 16, 16))
+
+
+def test_channels_probe_follows_module_dtype() -> None:
+    feats = TappedFeatures(_Net().to(torch.float64), ["stage"], resolution=16)
+    assert feats.channels == [16]
+    assert feats(torch.zeros(1, 3, 16, 16, dtype=torch.float64))[0].dtype == torch.float64
