@@ -5,18 +5,50 @@ it when used and name the extra to install.
 """
 
 from addkit.denoisers import WrappedDenoiser, apply_cfg, wrap
+from addkit.discriminators import (
+    CLIPFeatures,
+    DiffAugment,
+    DINOv2Features,
+    ProjectedDiscriminator,
+    TappedFeatures,
+    TeacherFeatures,
+    diff_augment,
+)
+from addkit.losses import (
+    LazyRegularizer,
+    approximate_r1,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+    r1_penalty,
+)
 from addkit.parameterization import convert, to_eps, to_flow, to_v, to_x0
 from addkit.schedules import FlowSchedule, VPSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIPFeatures",
+    "DINOv2Features",
+    "DiffAugment",
     "FlowSchedule",
+    "LazyRegularizer",
+    "ProjectedDiscriminator",
+    "TappedFeatures",
+    "TeacherFeatures",
     "VPSchedule",
     "WrappedDenoiser",
     "__version__",
     "apply_cfg",
+    "approximate_r1",
     "convert",
+    "diff_augment",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "non_saturating_d_loss",
+    "non_saturating_g_loss",
+    "r1_penalty",
     "to_eps",
     "to_flow",
     "to_v",
