@@ -168,7 +168,8 @@ def _public_symbols() -> list[tuple[str, str]]:
             module = importlib.import_module(name)
         except ModuleNotFoundError:
             continue  # a part not written yet
-        symbols += [(name, s) for s in getattr(module, "__all__", ()) if not (s.startswith("__") and s.endswith("__"))]
+        public = getattr(module, "__all__", ())
+        symbols += [(name, s) for s in public if not (s.startswith("__") and s.endswith("__"))]
     return symbols
 
 
@@ -210,4 +211,5 @@ def test_mirror_matches_mkdocs_build(tmp_path: Path) -> None:
     mirrored: set[str] = set()
     for identifier, local, _ in _directives():
         mirrored |= _rendered(_lookup(package, identifier), {**base, **local})
-    assert mirrored == built, f"only mirrored: {sorted(mirrored - built)}; only built: {sorted(built - mirrored)}"
+    only_here, only_built = sorted(mirrored - built), sorted(built - mirrored)
+    assert mirrored == built, f"mirrored only: {only_here}; built only: {only_built}"
