@@ -1,4 +1,4 @@
-"""Losses and regularisers: adversarial (hinge, non-saturating), R1 penalties."""
+"""Losses and regularisers: adversarial (hinge, non-saturating), R1 penalties, distillation."""
 
 from addkit.losses.adversarial import (
     HeadLogits,
@@ -11,6 +11,14 @@ from addkit.losses.adversarial import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
+from addkit.losses.distillation import (
+    Distance,
+    Weighting,
+    WeightFn,
+    distillation_loss,
+    distillation_weight,
+    sample_distillation_timesteps,
+)
 from addkit.losses.regularizers import (
     LazyRegularizer,
     approximate_r1,
@@ -20,6 +28,12 @@ from addkit.losses.regularizers import (
 )
 
 __all__ = [
+    "Distance",
+    "Weighting",
+    "WeightFn",
+    "distillation_loss",
+    "distillation_weight",
+    "sample_distillation_timesteps",
     "HeadLogits",
     "HingeDLoss",
     "HingeGLoss",
