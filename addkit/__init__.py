@@ -17,24 +17,29 @@ from addkit.discriminators import (
 from addkit.losses import (
     LazyRegularizer,
     approximate_r1,
+    distillation_loss,
+    sample_distillation_timesteps,
     hinge_d_loss,
     hinge_g_loss,
     non_saturating_d_loss,
     non_saturating_g_loss,
     r1_penalty,
 )
+from addkit.objective import ADDObjective, StudentInputs
 from addkit.parameterization import convert, to_eps, to_flow, to_v, to_x0
 from addkit.schedules import FlowSchedule, VPSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADDObjective",
     "CLIPFeatures",
     "DINOv2Features",
     "DiffAugment",
     "FlowSchedule",
     "LazyRegularizer",
     "ProjectedDiscriminator",
+    "StudentInputs",
     "TappedFeatures",
     "TeacherFeatures",
     "VPSchedule",
@@ -44,11 +49,13 @@ __all__ = [
     "approximate_r1",
     "convert",
     "diff_augment",
+    "distillation_loss",
     "hinge_d_loss",
     "hinge_g_loss",
     "non_saturating_d_loss",
     "non_saturating_g_loss",
     "r1_penalty",
+    "sample_distillation_timesteps",
     "to_eps",
     "to_flow",
     "to_v",

@@ -268,10 +268,11 @@ class ProjectedDiscriminator(nn.Module):
 
     def forward(
         self,
-        images: Tensor,
+        images: Tensor | None = None,
         c_text: Tensor | None = None,
         c_image: Tensor | None = None,
         *,
+        features: Sequence[Tensor] | None = None,
         per_head: bool = False,
         generator: torch.Generator | None = None,
         **feature_kwargs: Any,
@@ -280,9 +281,23 @@ class ProjectedDiscriminator(nn.Module):
 
         With ``per_head=True``, one ``[B, N_k]`` tensor per head (what addkit's losses need
         for their default "sum over heads, mean over tokens" reduction).
+
+        Pass ``features=`` (from [`extract`][addkit.discriminators.projected.ProjectedDiscriminator.extract])
+        instead of ``images`` to run the heads only. That keeps the trainable part inside
+        ``forward``, which a ``DistributedDataParallel`` wrapper needs to synchronise the
+        heads' gradients (R1 on the head inputs goes this way).
+
+        Raises:
+            ValueError: unless exactly one of ``images`` and ``features`` is given.
         """
-        feats = self.extract(images, generator=generator, **feature_kwargs)
-        return self.classify(feats, c_text, c_image, per_head=per_head)
+        if (images is None) == (features is None):
+            raise ValueError(
+                "ProjectedDiscriminator.forward: pass exactly one of images=... and features=..., "
+                f"got {'both' if images is not None else 'neither'}"
+            )
+        if images is not None:
+            features = self.extract(images, generator=generator, **feature_kwargs)
+        return self.classify(features or [], c_text, c_image, per_head=per_head)
 
     def _conditioning(
         self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int

@@ -234,6 +234,7 @@ def distillation_loss(
     nfsd_threshold: float | None = None,
     space: Literal["latent", "pixel"] = "latent",
     decode: Callable[[Tensor], Tensor] | None = None,
+    decoded_student: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
     r"""ADD's distillation loss $c(t)\, d(\hat x_\theta, \mathrm{sg}(\hat x_\psi))$.
@@ -275,6 +276,8 @@ def distillation_loss(
             flow).
         space: ``"latent"`` (compare as given) or ``"pixel"`` (decode first).
         decode: latents ``->`` images, required for ``space="pixel"``.
+        decoded_student: ``decode(student_x0)`` if you already have it (with its graph),
+            e.g. from the discriminator's input; saves a decoder pass.
         reduction: ``"mean"`` / ``"sum"`` over the batch, or ``"none"`` for ``[B]``.
 
     Returns:
@@ -332,7 +335,9 @@ def distillation_loss(
         target = target.to(student_x0.dtype)
         if dec is not None:
             target = dec(target)
-    student = dec(student_x0) if dec is not None else student_x0
+    student = student_x0
+    if dec is not None:
+        student = decoded_student if decoded_student is not None else dec(student_x0)
     check_same_shape(fn, "student (as compared)", student, "teacher target", target)
     per_sample = _distance(fn, distance, student, target.detach())
     return reduce_loss(per_sample, reduction, weight=c.to(per_sample.dtype), fn=fn)

@@ -1,0 +1,498 @@
+r"""ADDObjective: ADD's generator and discriminator losses for one training step.
+
+$$ \mathcal L_G = \lambda_\text{adv}\,\mathcal L^G_\text{adv}(\hat x_\theta)
+   + \lambda\,\mathcal L_\text{distill}(\hat x_\theta), \qquad
+   \mathcal L_D = \mathcal L^D_\text{adv}(x_0, \mathrm{sg}(\hat x_\theta)) + \gamma\,R_1 $$
+
+with $\lambda = 2.5$ and $\gamma = 10^{-5}$ (ADD §4). The objective composes addkit's parts
+(student inputs, [`distillation_loss`][addkit.losses.distillation.distillation_loss], the
+adversarial losses, R1) and owns nothing else: no optimiser, no ``.backward()``, no loop.
+One step of your trainer reads::
+
+    inp = objective.sample_student_inputs(latents)
+    student_x0 = student.x0(inp.x_t, inp.t, **cond)
+    loss_g, logs = objective.generator_loss(student_x0, teacher_cond=cond, student_t=inp.t, ...)
+    loss_g.backward(); opt_g.step()
+    with torch.no_grad():
+        fake = objective.discriminator_input(student_x0.detach())
+    loss_d, logs = objective.discriminator_loss(real_images, fake, student_t=inp.t, step=step, ...)
+    loss_d.backward(); opt_d.step()
+
+References:
+    Sauer et al., *Adversarial Diffusion Distillation*, arXiv 2311.17042, §3, §4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from addkit._checks import check_choice, check_floating, check_positive, check_same_shape
+from addkit.losses.adversarial import (
+    HeadLogits,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+)
+from addkit.losses.distillation import (
+    Distance,
+    Weighting,
+    distillation_loss,
+    sample_distillation_timesteps,
+)
+from addkit.losses.regularizers import LazyRegularizer, approximate_r1, r1_context, r1_penalty
+from addkit.typing import Schedule
+
+__all__ = ["ADDObjective", "StudentInputs", "R1Placement"]
+
+R1Placement = Literal["features", "images", "approximate"]
+"""Where R1 is taken: the heads' input features (ADD), the images (exact), APT's approximation."""
+
+_R1_DEFAULT_GAMMA = {"features": 1e-5, "images": 1e-5, "approximate": 100.0}
+_LOSSES: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    "hinge": (hinge_d_loss, hinge_g_loss),
+    "non_saturating": (non_saturating_d_loss, non_saturating_g_loss),
+}
+
+
+@dataclass(frozen=True)
+class StudentInputs:
+    """Noised real samples for the student, from [`ADDObjective.sample_student_inputs`][addkit.objective.ADDObjective.sample_student_inputs].
+
+    Attributes:
+        x_t: the student's input ``[B, ...]``.
+        t: the student timestep of each sample ``[B]`` (``long`` for a discrete schedule).
+        noise: the noise used ``[B, ...]``.
+        is_pure_noise: ``[B]`` bool, true where ``t`` is the first (largest) student
+            timestep and ``x_t`` carries no signal.
+    """
+
+    x_t: Tensor
+    t: Tensor
+    noise: Tensor
+    is_pure_noise: Tensor
+
+
+def _unwrap(module: Any) -> Any:
+    """The module inside a DDP / FSDP-style wrapper (they expose it as ``.module``)."""
+    return getattr(module, "module", module)
+
+
+class ADDObjective:
+    r"""ADD's two losses, composed from addkit's parts.
+
+    **Student inputs.** ``sample_student_inputs`` draws $s$ uniformly from
+    ``student_timesteps`` and noises real samples with the schedule. ADD enforces zero
+    terminal SNR because inference starts from pure noise; with ``terminal="replace"``
+    (default) the input at the largest student timestep *is* the noise while the model is
+    still told that timestep (what the released eps-prediction Turbo models imply, and
+    DMD2's code does). ``terminal="schedule"`` uses the schedule as it is: choose it with a
+    zero-terminal-SNR schedule (a rescaled VP schedule with a v/x0 student, or flow).
+
+    **Generator loss.** $\lambda_\text{adv} \mathcal L^G_\text{adv} + \lambda
+    \mathcal L_\text{distill}$: the discriminator sees ``discriminator_input(student_x0)``
+    (decoded with gradient when ``decode`` is given, as ADD's DINOv2 discriminator sees
+    pixels); the distillation loss re-noises the student estimate at a teacher time drawn
+    from ``distill_t_range`` (default ``[0.02, 0.98]`` of the schedule; ADD does not state
+    its range) and measures the distance in ``space`` (ADD: ``"pixel"`` for latent
+    models, reusing the decoded student image).
+
+    **Discriminator loss.** Hinge (or non-saturating) on real and detached fake images in
+    two separate discriminator calls (the heads' batch statistics must not mix real and
+    fake), plus $\gamma R_1$ on real images, every ``r1_interval`` steps scaled by the
+    interval. ``r1_placement="features"`` (ADD) differentiates w.r.t. the frozen features
+    fed to the heads; ``"images"`` is exact and runs the double backward through the
+    feature network under the math attention backend; ``"approximate"`` is APT's
+    first-order penalty (default $\gamma = 100$, $\sigma = 0.01$). ``r1_gamma=0`` turns R1
+    off.
+
+    **Image conditioning.** ADD conditions the discriminator on an embedding of the real
+    image the student input came from. At the pure-noise student step that embedding
+    carries information the student cannot have, so by default its rows are zeroed there
+    (for real and fake alike) when ``student_t`` is passed (SPEC-DETAIL §2.6, unverified
+    for ADD).
+
+    Logs are detached 0-dim tensors (no host synchronisation); call ``.item()`` when you
+    write them.
+
+    Args:
+        teacher: the frozen teacher, a [`WrappedDenoiser`][addkit.denoisers.WrappedDenoiser]
+            (or anything with ``predict``, see
+            [`distillation_loss`][addkit.losses.distillation.distillation_loss]).
+        discriminator: ``D(images, c_text, c_image, per_head=True, generator=...)`` returning
+            logits per head, e.g. a
+            [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator]
+            (may be wrapped by DDP). ``None`` only with ``adversarial_weight=0``.
+        schedule: the schedule of the student inputs and the teacher.
+        lambda_distill: weight $\lambda$ of the distillation loss (ADD: 2.5); 0 turns it off.
+        adversarial_weight: weight of the generator's adversarial loss; 0 turns it off.
+        weighting: distillation weighting $c(t)$ (``"exponential"``, ``"sds"``, ``"nfsd"``
+            or a callable).
+        sds_weight: $w(\alpha_t, \sigma_t)$ for SDS/NFSD weighting.
+        distance: distillation distance (``"l2"``: mean squared error per sample).
+        space: ``"latent"`` or ``"pixel"`` (decode both estimates; needs ``decode``).
+        decode: latents ``->`` images in ``[-1, 1]``, differentiable (a VAE decoder). Used
+            for the discriminator's input and for ``space="pixel"``.
+        guidance_scale: teacher classifier-free guidance in the distillation loss (needs
+            ``teacher_uncond``); NFSD's scale with ``weighting="nfsd"``.
+        nfsd_threshold: NFSD's switch time (default 20 % of the schedule).
+        distill_t_range: teacher timesteps ``(low, high)`` in schedule units.
+        adversarial_loss: ``"hinge"`` (ADD) or ``"non_saturating"``.
+        r1_placement: see above.
+        r1_gamma: R1 weight; ``None`` picks 1e-5 (features, images) or 100 (approximate).
+        r1_interval: lazy regularisation interval (1 = every step).
+        r1_sigma: the perturbation of ``"approximate"``.
+        student_timesteps: the student's timesteps; ``None`` is
+            ``schedule.timesteps(4, "trailing")``, i.e. ADD's ``(999, 749, 499, 249)``.
+        terminal: ``"replace"`` or ``"schedule"`` (see above).
+        zero_image_cond_at_terminal: zero ``c_image`` rows at the pure-noise step.
+
+    Raises:
+        ValueError: for an unknown option, negative weights, a student timestep outside
+            the schedule, ``space="pixel"`` without ``decode`` or no discriminator while
+            the adversarial loss is on.
+
+    Examples:
+        >>> from addkit import VPSchedule, wrap
+        >>> s = VPSchedule.scaled_linear()
+        >>> teacher = wrap(lambda x, t: torch.zeros_like(x), s, "eps")
+        >>> D = lambda x, *c, per_head=False, generator=None: [x.flatten(1)[:, :3]]
+        >>> obj = ADDObjective(teacher, D, s)
+        >>> inp = obj.sample_student_inputs(torch.randn(4, 2, 8, 8))
+        >>> loss, logs = obj.generator_loss(teacher.x0(inp.x_t, inp.t), student_t=inp.t)
+        >>> sorted(logs)
+        ['g/adv', 'g/distill', 'g/logits_fake', 'g/total']
+    """
+
+    def __init__(
+        self,
+        teacher: Any,
+        discriminator: Callable[..., HeadLogits] | None,
+        schedule: Schedule,
+        *,
+        lambda_distill: float = 2.5,
+        adversarial_weight: float = 1.0,
+        weighting: Weighting = "exponential",
+        sds_weight: Callable[[Tensor, Tensor], Tensor] | None = None,
+        distance: Distance = "l2",
+        space: Literal["latent", "pixel"] = "latent",
+        decode: Callable[[Tensor], Tensor] | None = None,
+        guidance_scale: float = 1.0,
+        nfsd_threshold: float | None = None,
+        distill_t_range: tuple[float, float] | None = None,
+        adversarial_loss: Literal["hinge", "non_saturating"] = "hinge",
+        r1_placement: R1Placement = "features",
+        r1_gamma: float | None = None,
+        r1_interval: int = 1,
+        r1_sigma: float = 0.01,
+        student_timesteps: Sequence[float] | None = None,
+        terminal: Literal["replace", "schedule"] = "replace",
+        zero_image_cond_at_terminal: bool = True,
+    ) -> None:
+        fn = "ADDObjective"
+        check_positive(fn, "lambda_distill", lambda_distill, allow_zero=True)
+        check_positive(fn, "adversarial_weight", adversarial_weight, allow_zero=True)
+        check_choice(fn, "space", space, ("latent", "pixel"))
+        check_choice(fn, "adversarial_loss", adversarial_loss, tuple(_LOSSES))
+        check_choice(fn, "r1_placement", r1_placement, tuple(_R1_DEFAULT_GAMMA))
+        check_choice(fn, "terminal", terminal, ("replace", "schedule"))
+        if isinstance(weighting, str):
+            check_choice(fn, "weighting", weighting, ("exponential", "sds", "nfsd"))
+        if space == "pixel" and decode is None:
+            raise ValueError(f"{fn}: space='pixel' needs decode=<latents -> images>, got None")
+        if discriminator is None and adversarial_weight > 0:
+            raise ValueError(f"{fn}: discriminator=None needs adversarial_weight=0 (distillation only)")
+        gamma = _R1_DEFAULT_GAMMA[r1_placement] if r1_gamma is None else r1_gamma
+        check_positive(fn, "r1_gamma", gamma, allow_zero=True)
+        check_positive(fn, "r1_sigma", r1_sigma)
+        self.teacher = teacher
+        self.discriminator = discriminator
+        self.schedule = schedule
+        self.lambda_distill = float(lambda_distill)
+        self.adversarial_weight = float(adversarial_weight)
+        self.weighting = weighting
+        self.sds_weight = sds_weight
+        self.distance = distance
+        self.space = space
+        self.decode = decode
+        self.guidance_scale = guidance_scale
+        self.nfsd_threshold = nfsd_threshold
+        self.distill_t_range = distill_t_range
+        self.d_loss_fn, self.g_loss_fn = _LOSSES[adversarial_loss]
+        self.r1_placement = r1_placement
+        self.r1_gamma = float(gamma)
+        self.lazy_r1 = LazyRegularizer(r1_interval)
+        self.r1_sigma = float(r1_sigma)
+        self.terminal = terminal
+        self.zero_image_cond_at_terminal = zero_image_cond_at_terminal
+        self.student_timesteps = self._student_timesteps(fn, student_timesteps)
+
+    def _student_timesteps(self, fn: str, timesteps: Sequence[float] | None) -> Tensor:
+        discrete = bool(getattr(self.schedule, "is_discrete", True))
+        if timesteps is None:
+            timesteps = self.schedule.timesteps(4, "trailing")  # type: ignore[attr-defined]
+        values = list(timesteps)
+        if not values:
+            raise ValueError(f"{fn}: student_timesteps must not be empty")
+        ts = torch.tensor(values, dtype=torch.long if discrete else torch.float32)
+        self.schedule.alpha(ts)  # raises a clear error for timesteps outside the schedule
+        return ts
+
+    def __repr__(self) -> str:
+        return (
+            f"ADDObjective(lambda_distill={self.lambda_distill}, adversarial_weight="
+            f"{self.adversarial_weight}, weighting={self.weighting!r}, space={self.space!r}, "
+            f"r1={self.r1_placement}:{self.r1_gamma}/{self.lazy_r1.interval}, "
+            f"student_timesteps={self.student_timesteps.tolist()})"
+        )
+
+    # -- student inputs ------------------------------------------------------------------
+    def sample_student_inputs(
+        self, x0: Tensor, generator: torch.Generator | None = None
+    ) -> StudentInputs:
+        """Noise real samples at student timesteps drawn uniformly from ``student_timesteps``.
+
+        Args:
+            x0: real samples (latents for a latent model) ``[B, ...]``.
+            generator: random generator for the timesteps and the noise; its device is
+                used for drawing (results are moved to ``x0``'s device).
+
+        Returns:
+            [`StudentInputs`][addkit.objective.StudentInputs]; where ``is_pure_noise`` is
+            true and ``terminal="replace"``, ``x_t`` equals ``noise`` exactly.
+
+        Raises:
+            TypeError: if ``x0`` is not a floating tensor.
+            ValueError: if ``x0`` has no batch dimension.
+        """
+        fn = "ADDObjective.sample_student_inputs"
+        check_floating(fn, "x0", x0)
+        if x0.ndim < 2:
+            raise ValueError(f"{fn}: x0 must have shape [B, ...] with at least 2 dims, got {tuple(x0.shape)}")
+        draw = generator.device if generator is not None else x0.device
+        index = torch.randint(len(self.student_timesteps), (x0.shape[0],), generator=generator, device=draw)
+        t = self.student_timesteps.to(draw)[index].to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        pure = t == self.student_timesteps.max().to(t.device)
+        if self.terminal == "replace":
+            x_t = torch.where(pure.reshape(-1, *([1] * (x0.ndim - 1))), noise, x_t)
+        return StudentInputs(x_t=x_t, t=t, noise=noise, is_pure_noise=pure)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def discriminator_input(self, x0: Tensor) -> Tensor:
+        """What the discriminator sees for a clean estimate: ``decode(x0)``, or ``x0``.
+
+        Gradients flow when ``x0`` requires grad; wrap the call in ``torch.no_grad()`` for
+        the discriminator step's fake images.
+        """
+        return self.decode(x0) if self.decode is not None else x0
+
+    def _image_cond(self, fn: str, c_image: Tensor | None, student_t: Tensor | None) -> Tensor | None:
+        if c_image is None or student_t is None or not self.zero_image_cond_at_terminal:
+            return c_image
+        if student_t.shape != (c_image.shape[0],):
+            raise ValueError(
+                f"{fn}: student_t must have shape ({c_image.shape[0]},) like c_image's batch, "
+                f"got {tuple(student_t.shape)}"
+            )
+        pure = (student_t == self.student_timesteps.max().to(student_t.device)).reshape(-1, 1)
+        return c_image.masked_fill(pure, 0.0)
+
+    def _logits(
+        self, images: Tensor | None, c_text: Tensor | None, c_image: Tensor | None,
+        generator: torch.Generator | None, **kwargs: Any,
+    ) -> HeadLogits:
+        if self.discriminator is None:
+            raise ValueError("ADDObjective: no discriminator was given (adversarial_weight=0)")
+        cond = {k: v for k, v in (("c_text", c_text), ("c_image", c_image)) if v is not None}
+        return self.discriminator(images, per_head=True, generator=generator, **cond, **kwargs)
+
+    # -- generator -------------------------------------------------------------------------
+    def generator_loss(
+        self,
+        student_x0: Tensor,
+        *,
+        teacher_cond: Mapping[str, Any] | None = None,
+        teacher_uncond: Mapping[str, Any] | None = None,
+        negative_cond: Mapping[str, Any] | None = None,
+        c_text: Tensor | None = None,
+        c_image: Tensor | None = None,
+        student_t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's loss $\\lambda_\\text{adv} L^G_\\text{adv} + \\lambda L_\\text{distill}$.
+
+        Args:
+            student_x0: the student's clean estimate ``[B, ...]`` (with grad), e.g.
+                ``student.x0(inp.x_t, inp.t, **cond)``.
+            teacher_cond: the teacher's conditioning (model keyword arguments).
+            teacher_uncond: unconditional conditioning for teacher CFG / NFSD.
+            negative_cond: negative-prompt conditioning for NFSD.
+            c_text: the discriminator's text embedding ``[B, D_t]``.
+            c_image: the discriminator's image embedding ``[B, D_i]`` (of the real image).
+            student_t: the student timesteps ``[B]`` (zeroes ``c_image`` at pure noise).
+            generator: randomness for the teacher timesteps, re-noising and augmentation.
+
+        Returns:
+            ``(loss, logs)`` with logs ``g/adv``, ``g/logits_fake``, ``g/distill``,
+            ``g/total`` (terms that are switched off are absent).
+
+        Raises:
+            ValueError: for bad shapes or conditioning (from the parts).
+        """
+        fn = "ADDObjective.generator_loss"
+        check_floating(fn, "student_x0", student_x0)
+        logs: dict[str, Tensor] = {}
+        total = student_x0.new_zeros((), dtype=torch.float32)
+        decoded = None
+        if self.adversarial_weight > 0:
+            decoded = self.discriminator_input(student_x0)
+            logits = self._logits(decoded, c_text, self._image_cond(fn, c_image, student_t), generator)
+            adv = self.g_loss_fn(logits)
+            total = total + self.adversarial_weight * adv
+            logs["g/adv"] = adv.detach()
+            logs["g/logits_fake"] = _mean_logit(logits)
+        if self.lambda_distill > 0:
+            distill = self._distill(fn, student_x0, decoded, teacher_cond, teacher_uncond, negative_cond, generator)
+            total = total + self.lambda_distill * distill
+            logs["g/distill"] = distill.detach()
+        logs["g/total"] = total.detach()
+        return total, logs
+
+    def _distill(
+        self, fn: str, student_x0: Tensor, decoded: Tensor | None,
+        cond: Mapping[str, Any] | None, uncond: Mapping[str, Any] | None,
+        negative: Mapping[str, Any] | None, generator: torch.Generator | None,
+    ) -> Tensor:
+        draw = generator.device if generator is not None else student_x0.device
+        t = sample_distillation_timesteps(
+            student_x0.shape[0], self.schedule, t_range=self.distill_t_range, generator=generator, device=draw
+        ).to(student_x0.device)
+        noise = torch.randn(student_x0.shape, generator=generator, device=draw, dtype=student_x0.dtype)
+        pixel = self.space == "pixel"
+        return distillation_loss(
+            student_x0, self.teacher, t, noise.to(student_x0.device), schedule=self.schedule,
+            weighting=self.weighting, sds_weight=self.sds_weight, distance=self.distance,
+            cond=cond, uncond=uncond, negative_cond=negative, guidance_scale=self.guidance_scale,
+            nfsd_threshold=self.nfsd_threshold, space=self.space, decode=self.decode,
+            decoded_student=decoded if pixel else None,
+        )
+
+    # -- discriminator ---------------------------------------------------------------------
+    def discriminator_loss(
+        self,
+        real: Tensor,
+        fake: Tensor,
+        *,
+        c_text: Tensor | None = None,
+        c_image: Tensor | None = None,
+        student_t: Tensor | None = None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The discriminator's loss: adversarial on real vs detached fake, plus $\\gamma R_1$.
+
+        Args:
+            real: real samples as the discriminator sees them (images in ``[-1, 1]`` for
+                a pixel discriminator; see
+                [`discriminator_input`][addkit.objective.ADDObjective.discriminator_input]).
+            fake: the student's samples, same shape (detached here).
+            c_text: text embedding ``[B, D_t]`` (same for real and fake).
+            c_image: image embedding of the real images ``[B, D_i]``.
+            student_t: the student timesteps ``[B]`` of the fakes.
+            step: the training step, for lazy R1 (``r1_interval``).
+            generator: randomness for augmentation and the approximate R1 noise.
+
+        Returns:
+            ``(loss, logs)`` with logs ``d/adv``, ``d/logits_real``, ``d/logits_fake``,
+            ``d/real_acc`` (fraction of real tokens scored > 0), ``d/fake_acc``, ``d/r1``
+            (on the steps it is computed) and ``d/total``.
+
+        Raises:
+            ValueError: for mismatched shapes or conditioning.
+        """
+        fn = "ADDObjective.discriminator_loss"
+        check_floating(fn, "real", real)
+        check_floating(fn, "fake", fake)
+        check_same_shape(fn, "real", real, "fake", fake)
+        c_image = self._image_cond(fn, c_image, student_t)
+        regularise = self.r1_gamma > 0 and self.lazy_r1.due(step)
+        real_logits, r1 = self._real_logits(real.detach(), c_text, c_image, generator, regularise)
+        fake_logits = self._logits(fake.detach(), c_text, c_image, generator)
+        adv = self.d_loss_fn(real_logits, fake_logits)
+        total = adv
+        logs = {
+            "d/adv": adv.detach(),
+            "d/logits_real": _mean_logit(real_logits),
+            "d/logits_fake": _mean_logit(fake_logits),
+            "d/real_acc": _fraction_positive(real_logits),
+            "d/fake_acc": 1.0 - _fraction_positive(fake_logits),
+        }
+        if r1 is not None:
+            total = total + self.r1_gamma * self.lazy_r1.scale * r1
+            logs["d/r1"] = r1.detach()
+        logs["d/total"] = total.detach()
+        return total, logs
+
+    def _real_logits(
+        self, real: Tensor, c_text: Tensor | None, c_image: Tensor | None,
+        generator: torch.Generator | None, regularise: bool,
+    ) -> tuple[HeadLogits, Tensor | None]:
+        if not regularise:
+            return self._logits(real, c_text, c_image, generator), None
+        if self.r1_placement == "images":
+            x = real.requires_grad_(True)
+            with r1_context():
+                logits = self._logits(x, c_text, c_image, generator)
+                return logits, r1_penalty(logits, x)
+        if self.r1_placement == "features":
+            extract = getattr(_unwrap(self.discriminator), "extract", None)
+            if extract is None:
+                raise ValueError(
+                    "ADDObjective: r1_placement='features' needs a discriminator with "
+                    "extract(images) and forward(features=...) (ProjectedDiscriminator); use "
+                    "r1_placement='images' or 'approximate' for other discriminators"
+                )
+            feats = [f.detach().requires_grad_(True) for f in extract(real, generator=generator)]
+            logits = self._logits(None, c_text, c_image, None, features=feats)
+            return logits, r1_penalty(logits, feats)
+        return self._approximate(real, c_text, c_image, generator)
+
+    def _approximate(
+        self, real: Tensor, c_text: Tensor | None, c_image: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[HeadLogits, Tensor]:
+        # Both discriminator calls must see the same augmentation, so each gets a generator
+        # seeded alike; the perturbation noise comes from the caller's generator.
+        draw = generator.device if generator is not None else real.device
+        seed = int(torch.randint(2**62, (), generator=generator, device=draw))
+
+        def same_rng() -> torch.Generator:
+            return torch.Generator(device=real.device).manual_seed(seed)
+
+        logits = self._logits(real, c_text, c_image, same_rng())
+        r1 = approximate_r1(
+            lambda x: self._logits(x, c_text, c_image, same_rng()),
+            real, sigma=self.r1_sigma, generator=generator, real_logits=logits,
+        )
+        return logits, r1
+
+
+def _heads(logits: HeadLogits) -> list[Tensor]:
+    return [logits] if isinstance(logits, Tensor) else list(logits)
+
+
+def _mean_logit(logits: HeadLogits) -> Tensor:
+    heads = _heads(logits)
+    return torch.stack([h.detach().float().mean() for h in heads]).mean()
+
+
+def _fraction_positive(logits: HeadLogits) -> Tensor:
+    heads = _heads(logits)
+    return torch.cat([h.detach().flatten() > 0 for h in heads]).float().mean()
