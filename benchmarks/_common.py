@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -52,6 +53,34 @@ def metadata(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda": torch.version.cuda or "",
     }
+
+
+def finish(
+    name: str,
+    *,
+    description: str,
+    naive: str,
+    headline: list[dict[str, Any]],
+    config: Any,
+    device: torch.device,
+    rows: list[dict[str, Any]],
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Assemble the payload every benchmark writes (the schema the tests check), write it, return it."""
+    from _memory import METHODS, memory_method
+
+    payload = {
+        "benchmark": name,
+        "description": description,
+        "naive": naive,
+        "headline": headline,
+        "config": dataclasses.asdict(config),
+        "memory_method": METHODS[memory_method(device)],
+        "results": rows,
+        "metadata": metadata(device),
+    }
+    write_result(name, payload, out_dir=out_dir)
+    return payload
 
 
 def write_result(name: str, payload: dict[str, Any], *, out_dir: Path | None = None) -> Path:

@@ -20,7 +20,6 @@ Run: ``python benchmarks/bench_adversarial.py --quick`` (tiny ViT on CPU) or wit
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ if __package__ in (None, ""):  # run as a script: make the sibling helpers impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runner  # noqa: E402
-from _common import metadata, time_fn, write_result  # noqa: E402
-from _memory import METHODS, memory_method, peak_memory  # noqa: E402
+from _common import finish, time_fn  # noqa: E402
+from _memory import peak_memory  # noqa: E402
 
 NAME = "adversarial"
 NAIVE = "r1_images"
@@ -171,18 +170,11 @@ def run(cfg: Config, device: torch.device, *, out_dir: Path | None = None) -> di
     naive = next(r for r in rows if r["name"] == NAIVE)["median_s"]
     for r in rows:
         r["speedup_vs_naive"] = naive / r["median_s"]
-    payload = {
-        "benchmark": NAME,
-        "description": "discriminator update: hinge + R1 placements, lazy R1, approximated R1",
-        "headline": headline(rows, extra["lazy"].interval),
-        "naive": NAIVE,
-        "config": dataclasses.asdict(cfg),
-        "memory_method": METHODS[memory_method(device)],
-        "results": rows,
-        "metadata": metadata(device),
-    }
-    write_result(NAME, payload, out_dir=out_dir)
-    return payload
+    return finish(
+        NAME, description="discriminator update: hinge + R1 placements, lazy R1, approximated R1",
+        naive=NAIVE, headline=headline(rows, extra["lazy"].interval), config=cfg, device=device, rows=rows,
+        out_dir=out_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

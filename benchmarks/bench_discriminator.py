@@ -19,7 +19,6 @@ or without ``--quick`` on a GPU (ViT-S/14 at 224 and 518, batch 8).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,8 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the sibling helpers impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runner  # noqa: E402
-from _common import metadata, time_fn, write_result  # noqa: E402
-from _memory import METHODS, memory_method, peak_memory  # noqa: E402
+from _common import finish, time_fn  # noqa: E402
+from _memory import peak_memory  # noqa: E402
 
 NAME = "discriminator"
 PATHS = ("fake", "real", "real_naive")
@@ -150,18 +149,10 @@ def run(cfg: Config, device: torch.device, *, out_dir: Path | None = None) -> di
         r["vs_contiguous"] = by[(res, path, dtype, "contiguous")]["median_s"] / r["median_s"]
         naive = by[(res, "real_naive", dtype, layout)]["median_s"]
         r["speedup_vs_naive"] = naive / r["median_s"] if path != "fake" else None
-    payload = {
-        "benchmark": NAME,
-        "description": "projected DINOv2 discriminator fwd+bwd: fake (grads to images) vs real (no graph)",
-        "naive": "real_naive",
-        "headline": headline(rows, cfg),
-        "config": dataclasses.asdict(cfg),
-        "memory_method": METHODS[memory_method(device)],
-        "results": rows,
-        "metadata": metadata(device),
-    }
-    write_result(NAME, payload, out_dir=out_dir)
-    return payload
+    return finish(
+        NAME, description="projected DINOv2 discriminator fwd+bwd: fake (grads to images) vs real (no graph)",
+        naive="real_naive", headline=headline(rows, cfg), config=cfg, device=device, rows=rows, out_dir=out_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ Run: ``python benchmarks/bench_distillation.py --quick`` (tiny UNet, CPU) or wit
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the sibling helpers impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runner  # noqa: E402
-from _common import metadata, time_fn, write_result  # noqa: E402
-from _memory import METHODS, memory_method, peak_memory  # noqa: E402
+from _common import finish, time_fn  # noqa: E402
+from _memory import peak_memory  # noqa: E402
 
 NAME = "distillation"
 NAIVE = "naive"
@@ -125,22 +124,15 @@ def run(cfg: Config, device: torch.device, *, out_dir: Path | None = None) -> di
     for r in rows:
         r["speedup_vs_naive"] = by[NAIVE]["median_s"] / r["median_s"]
     share = 1.0 - by["teacher_forward"]["median_s"] / by["addkit"]["median_s"]
-    payload = {
-        "benchmark": NAME,
-        "description": "distillation step (guided teacher, loss, backward): teacher share and naive way",
-        "headline": [
-            {"figure": "share of the addkit step outside the teacher forward", "value": share, "unit": ""},
-            {"figure": "addkit vs naive (teacher graph kept, two CFG passes)",
-             "value": by["addkit"]["speedup_vs_naive"], "unit": "x"},
-        ],
-        "naive": NAIVE,
-        "config": dataclasses.asdict(cfg),
-        "memory_method": METHODS[memory_method(device)],
-        "results": rows,
-        "metadata": metadata(device),
-    }
-    write_result(NAME, payload, out_dir=out_dir)
-    return payload
+    headline = [
+        {"figure": "share of the addkit step outside the teacher forward", "value": share, "unit": ""},
+        {"figure": "addkit vs naive (teacher graph kept, two CFG passes)",
+         "value": by["addkit"]["speedup_vs_naive"], "unit": "x"},
+    ]
+    return finish(
+        NAME, description="distillation step (guided teacher, loss, backward): teacher share and naive way",
+        naive=NAIVE, headline=headline, config=cfg, device=device, rows=rows, out_dir=out_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
