@@ -1,0 +1,278 @@
+"""The few-step sampler captured in a CUDA graph: one launch per call instead of one per kernel.
+
+At 1–4 steps the Python and kernel-launch overhead of an eager loop is a large share of the
+time (a UNet step launches hundreds of kernels). [`CUDAGraphSampler`][addkit.sampling.cuda_graph.CUDAGraphSampler]
+records the whole loop (every denoiser call, the re-noising and optionally a VAE decode) once
+per input signature with ``torch.cuda.graph`` and replays it. Its call and results are those
+of [`FewStepSampler`][addkit.sampling.sampler.FewStepSampler].
+
+Constraints of a captured loop (checked where possible):
+
+- static shapes: each (shape, dtype, device, conditioning shapes) gets its own graph, kept in a
+  bounded least-recently-used cache;
+- no host synchronisation inside the denoiser (``.item()``, ``.cpu()``, printing a tensor,
+  data-dependent shapes): capture fails and the sampler runs eagerly, with one warning;
+- parameters are read by address: updating weights in place (an optimizer step,
+  ``load_state_dict``, ``p.copy_(...)``) needs no re-capture; replacing parameter tensors or
+  moving the denoiser (``.to(...)``, ``.half()``) does: call ``reset()``;
+- no gradients (the loop runs under ``torch.no_grad()``) and no per-step ``callback``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from addkit._checks import check_choice
+from addkit.sampling._plan import Plan, make_plan
+from addkit.sampling._static import CapturedLoop, Leaves, cond_key, flatten, static_copy, unflatten, warm_up
+from addkit.sampling.renoise import Renoise, renoise_coefficients
+from addkit.sampling.sampler import (
+    DEFAULT_TIMESTEPS,
+    Noises,
+    check_config,
+    check_noise,
+    check_noises,
+    draw_noises,
+    run_loop,
+)
+
+__all__ = ["COMPILE_MODES", "CUDAGraphSampler", "EagerFallbackWarning"]
+
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes ``CUDAGraphSampler(compile=...)`` accepts."""
+
+
+class EagerFallbackWarning(RuntimeWarning):
+    """Warned once per [`CUDAGraphSampler`][addkit.sampling.cuda_graph.CUDAGraphSampler] that runs its loop eagerly.
+
+    That happens for inputs that are not on a CUDA device and for inputs whose capture failed.
+    Filter it with ``warnings.simplefilter("ignore", EagerFallbackWarning)``.
+    """
+
+
+def _check_count(fn: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+class CUDAGraphSampler:
+    """[`FewStepSampler`][addkit.sampling.sampler.FewStepSampler] whose loop is captured in a CUDA graph and replayed.
+
+    Per call: the noise, the re-noising noise (drawn in place with ``generator``, or copied
+    from ``noises``) and the conditioning tensors are copied into the graph's static buffers,
+    the graph is replayed, and a copy of its output is returned. Timesteps and coefficients
+    live on the device, so the replay never synchronises with the host. One graph is kept per
+    (shape, dtype, device, conditioning signature), at most ``max_graphs`` of them; the least
+    recently used is released when a new one is needed. Each graph holds its own memory pool
+    (the loop's activations), so ``max_graphs`` bounds the memory.
+
+    On a CPU (or any non-CUDA device), or when capture fails, the loop runs eagerly with the
+    same results and one [`EagerFallbackWarning`][addkit.sampling.cuda_graph.EagerFallbackWarning].
+    With ``compile=`` the loop is instead ``torch.compile``d (``"reduce-overhead"`` lets
+    inductor capture CUDA graphs itself); that path runs on any device.
+
+    Args:
+        denoiser: anything with ``x0(x_t, t, **cond)``, capturable (no host synchronisation).
+            Not copied: weights updated in place are seen by the next replay.
+        schedule: the student's schedule.
+        timesteps: student timesteps, noisiest first (ADD's ``(999, 749, 499, 249)``).
+        renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
+        decode: optional ``decode(x0) -> images`` run inside the graph (e.g.
+            ``lambda z: vae.decode(z / vae.config.scaling_factor).sample``).
+        max_graphs: how many captured graphs to keep (least recently used evicted).
+        warmup: eager iterations on a side stream before capture.
+        compile: a ``torch.compile`` mode (see ``COMPILE_MODES``) to use instead of manual
+            capture; ``None`` captures with ``torch.cuda.graph``.
+        compile_options: extra keyword arguments for ``torch.compile`` (e.g. ``backend``).
+
+    Raises:
+        TypeError, ValueError: for bad arguments, at construction (as
+            [`sample`][addkit.sampling.sampler.sample]).
+
+    Examples:
+        >>> import warnings
+        >>> from addkit.schedules import VPSchedule
+        >>> class Half:
+        ...     def x0(self, x_t, t):
+        ...         return 0.5 * x_t
+        >>> sampler = CUDAGraphSampler(Half(), schedule=VPSchedule.scaled_linear(), timesteps=(999,))
+        >>> with warnings.catch_warnings(record=True):   # on a CPU: eager, with one warning
+        ...     sampler(torch.ones(1, 2))
+        tensor([[0.5000, 0.5000]])
+    """
+
+    def __init__(
+        self,
+        denoiser: Any,
+        *,
+        schedule: Any,
+        timesteps: Sequence[int | float] | Tensor = DEFAULT_TIMESTEPS,
+        renoise: Renoise = "fresh",
+        decode: Callable[[Tensor], Tensor] | None = None,
+        max_graphs: int = 4,
+        warmup: int = 2,
+        compile: str | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        fn = "CUDAGraphSampler"
+        config = check_config(fn, denoiser, schedule, timesteps, renoise, decode)
+        self.denoiser, self.schedule, self.timesteps, self.renoise, self.decode = config
+        self.max_graphs = _check_count(fn, "max_graphs", max_graphs)
+        self.warmup = _check_count(fn, "warmup", warmup)
+        self.compile = None if compile is None else check_choice(fn, "compile", compile, COMPILE_MODES)
+        self.compile_options = dict(compile_options or {})
+        self.captures = 0
+        """How many graphs this sampler has captured so far (evicted ones included)."""
+        self._k = renoise_coefficients(schedule, self.timesteps, renoise=renoise)
+        self._graphs: OrderedDict[Hashable, CapturedLoop] = OrderedDict()
+        self._failed: set[Hashable] = set()
+        self._plans: dict[tuple[torch.device, torch.dtype], Plan] = {}
+        self._compiled: Callable[..., Tensor] | None = None
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return (
+            f"CUDAGraphSampler(timesteps={self.timesteps}, renoise={self.renoise!r}, "
+            f"graphs={len(self._graphs)}/{self.max_graphs}, compile={self.compile!r})"
+        )
+
+    @property
+    def num_graphs(self) -> int:
+        """How many captured graphs the cache holds now."""
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Release every captured graph (and the compiled loop); the next call captures anew.
+
+        Needed after replacing the denoiser's parameter tensors or moving it to another
+        device or dtype; not after in-place weight updates.
+        """
+        for entry in self._graphs.values():
+            entry.graph.reset()
+        self._graphs.clear()
+        self._failed.clear()
+        self._plans.clear()
+        self._compiled = None
+
+    def __call__(
+        self,
+        noise: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noises: Noises | None = None,
+        callback: Any = None,
+        **cond: Any,
+    ) -> Tensor:
+        """Sample from ``noise`` ``[B, ...]``; arguments as [`sample`][addkit.sampling.sampler.sample].
+
+        Returns:
+            The last $\\hat x_0$ (decoded if ``decode`` was given), a fresh tensor.
+
+        Raises:
+            ValueError: if ``callback`` is given (a replay runs no Python between steps), or
+                for ``noises`` of the wrong shape.
+            TypeError: for conditioning that is neither a tensor nor a hashable constant.
+        """
+        fn = "CUDAGraphSampler"
+        if callback is not None:
+            raise ValueError(
+                f"{fn}: callback is not supported (a captured loop runs no Python between steps); "
+                f"use addkit.sampling.sample(..., callback=...) to watch the steps"
+            )
+        check_noise(fn, noise)
+        noises = check_noises(fn, noises, noise, len(self.timesteps) - 1)
+        leaves = flatten(cond)
+        key = (tuple(noise.shape), noise.dtype, noise.device, cond_key(fn, leaves))
+        with torch.no_grad():
+            return self._run(key, noise, noises, generator, cond, leaves)
+
+    # -- paths ----------------------------------------------------------------------------
+    def _run(
+        self, key: Hashable, noise: Tensor, noises: Noises | None, generator: Any, cond: dict, leaves: Leaves
+    ) -> Tensor:
+        if self.compile is not None:
+            return self._run_compiled(noise, noises, generator, cond)
+        if noise.device.type != "cuda":
+            self._warn(f"noise is on {noise.device}, not a CUDA device; running the loop eagerly")
+            return self._run_eager(noise, noises, generator, cond)
+        entry = self._graphs.get(key)
+        if entry is None and key not in self._failed:
+            entry = self._capture(key, noise, leaves)
+        if entry is None:
+            return self._run_eager(noise, noises, generator, cond)
+        self._graphs.move_to_end(key)
+        return entry.replay(noise, noises, generator, leaves)
+
+    def _body(self, noise: Tensor, noises: Noises, plan: Plan, cond: dict[str, Any]) -> Tensor:
+        x0 = run_loop(self.denoiser, noise, noises, plan, cond)
+        return x0 if self.decode is None else self.decode(x0)
+
+    def _plan(self, noise: Tensor) -> Plan:
+        key = (noise.device, noise.dtype)
+        if key not in self._plans:
+            self._plans[key] = make_plan(
+                self.schedule, self.timesteps, self._k, device=noise.device, dtype=noise.dtype
+            )
+        return self._plans[key]
+
+    def _noises(self, noise: Tensor, noises: Noises | None, generator: Any) -> Tensor:
+        count = len(self.timesteps) - 1
+        if noises is None or count == 0:
+            return draw_noises(count, noise, generator if noises is None else None)
+        return noises if isinstance(noises, Tensor) else torch.stack(list(noises))
+
+    def _run_eager(self, noise: Tensor, noises: Noises | None, generator: Any, cond: dict) -> Tensor:
+        return self._body(noise, self._noises(noise, noises, generator), self._plan(noise), cond)
+
+    def _run_compiled(self, noise: Tensor, noises: Noises | None, generator: Any, cond: dict) -> Tensor:
+        if self._compiled is None:
+            self._compiled = torch.compile(
+                self._body, mode=self.compile, dynamic=False, **self.compile_options
+            )
+        torch.compiler.cudagraph_mark_step_begin()  # a new inference step for inductor's graphs
+        out = self._compiled(noise, self._noises(noise, noises, generator), self._plan(noise), cond)
+        return out.clone()  # inductor's CUDA-graph outputs are overwritten by the next call
+
+    def _capture(self, key: Hashable, noise: Tensor, leaves: Leaves) -> CapturedLoop | None:
+        device, plan = noise.device, self._plan(noise)
+        static_noise = noise.detach().clone()
+        static_noises = torch.zeros((len(self.timesteps) - 1, *noise.shape), dtype=noise.dtype, device=device)
+        static_leaves = static_copy(leaves)
+        static_cond = unflatten(static_leaves)
+
+        def body() -> Tensor:
+            return self._body(static_noise, static_noises, plan, static_cond)
+
+        with torch.cuda.device(device):
+            warm_up(body, self.warmup, device)  # errors here are the denoiser's own: they propagate
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+            try:
+                with torch.cuda.graph(graph):
+                    out = body()
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back, loudly
+                torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+                self._failed.add(key)
+                self._warn(
+                    f"CUDA-graph capture failed for noise {tuple(noise.shape)} {noise.dtype} "
+                    f"({type(err).__name__}: {err}); running the loop eagerly. The denoiser must not "
+                    f"synchronise with the host (.item(), .cpu(), data-dependent shapes)"
+                )
+                return None
+        while len(self._graphs) >= self.max_graphs:  # least recently used first
+            self._graphs.popitem(last=False)[1].graph.reset()
+        entry = CapturedLoop(graph, static_noise, static_noises, static_leaves, out, plan)
+        self._graphs[key] = entry
+        self.captures += 1
+        return entry
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"CUDAGraphSampler: {message}", EagerFallbackWarning, stacklevel=4)

@@ -1,0 +1,255 @@
+"""CUDAGraphSampler: on the CPU it equals `sample` and warns once; on a GPU (tests marked `cuda`) graph
+replay equals the eager loop, new noise gives new samples, new shapes capture anew within a bounded
+cache, memory stays flat, weights updated in place are used without re-capture."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from _tiny_sdxl import tiny_unet, tiny_vae
+from torch import nn
+
+from addkit.denoisers import wrap
+from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, sample
+from addkit.schedules import VPSchedule
+
+VP = VPSchedule.scaled_linear()
+TEXT = 16
+
+
+class Net(nn.Module):
+    """A small conditional eps-network: conv + timestep and text embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.text = nn.Linear(TEXT, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, text: torch.Tensor) -> torch.Tensor:
+        scale = (t.float() / 1000).view(-1, 1, 1, 1)
+        return torch.tanh(self.conv(x) * scale + self.text(text)[:, :, None, None])
+
+
+def _inputs(batch: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(batch)
+    noise = torch.randn(batch, 4, 8, 8, generator=g).to(device, dtype)
+    text = torch.randn(batch, TEXT, generator=g).to(device, dtype)
+    return noise, text
+
+
+def _warnings(fn: Any) -> tuple[Any, list[warnings.WarningMessage]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [w for w in caught if issubclass(w.category, EagerFallbackWarning)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("renoise", ["fresh", "ancestral"])
+def test_cpu_equals_sample_and_warns_once(renoise: str) -> None:
+    denoiser = wrap(Net(), VP, "eps")
+    noise, text = _inputs()
+    sampler = CUDAGraphSampler(denoiser, schedule=VP, renoise=renoise, decode=lambda x: x.clamp(-1, 1))
+    got, caught = _warnings(
+        lambda: [sampler(noise, generator=torch.Generator().manual_seed(s), text=text) for s in (0, 1)]
+    )
+    assert len(caught) == 1 and "not a CUDA device; running the loop eagerly" in str(caught[0].message)
+    for s, out in zip((0, 1), got):
+        want = sample(
+            denoiser,
+            noise,
+            schedule=VP,
+            renoise=renoise,
+            generator=torch.Generator().manual_seed(s),
+            text=text,
+        )
+        torch.testing.assert_close(out, want.clamp(-1, 1))
+    explicit = torch.randn(3, *noise.shape)
+    fresh = CUDAGraphSampler(denoiser, schedule=VP, renoise=renoise)
+    with pytest.warns(EagerFallbackWarning):
+        got = fresh(noise, noises=list(explicit), text=text)
+    torch.testing.assert_close(
+        got, sample(denoiser, noise, schedule=VP, renoise=renoise, noises=explicit, text=text)
+    )
+
+
+@torch.no_grad()
+def test_compile_path_equals_sample_on_cpu() -> None:
+    denoiser = wrap(Net(), VP, "eps")
+    noise, text = _inputs()
+    sampler = CUDAGraphSampler(
+        denoiser, schedule=VP, timesteps=(999, 499), compile="default", compile_options={"backend": "eager"}
+    )
+    got, caught = _warnings(lambda: sampler(noise, generator=torch.Generator().manual_seed(3), text=text))
+    want = sample(
+        denoiser,
+        noise,
+        schedule=VP,
+        timesteps=(999, 499),
+        generator=torch.Generator().manual_seed(3),
+        text=text,
+    )
+    torch.testing.assert_close(got, want)
+    assert not caught
+
+
+def test_bad_arguments() -> None:
+    d = wrap(Net(), VP, "eps")
+    with pytest.raises(ValueError, match="CUDAGraphSampler: max_graphs must be a positive integer, got 0"):
+        CUDAGraphSampler(d, schedule=VP, max_graphs=0)
+    with pytest.raises(
+        ValueError, match="CUDAGraphSampler: compile must be one of 'default', 'reduce-overhead'"
+    ):
+        CUDAGraphSampler(d, schedule=VP, compile="fast")
+    with pytest.raises(TypeError, match="CUDAGraphSampler: decode must be callable"):
+        CUDAGraphSampler(d, schedule=VP, decode=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CUDAGraphSampler: timesteps must be strictly decreasing"):
+        CUDAGraphSampler(d, schedule=VP, timesteps=(1, 2))
+    sampler = CUDAGraphSampler(d, schedule=VP)
+    noise, text = _inputs()
+    with pytest.raises(ValueError, match="CUDAGraphSampler: callback is not supported"):
+        sampler(noise, callback=print, text=text)
+    with pytest.raises(TypeError, match="CUDAGraphSampler: conditioning 'extra.ids' must be a tensor"):
+        sampler(noise, text=text, extra={"ids": [1, 2]})
+    with pytest.raises(ValueError, match=r"CUDAGraphSampler: noises must have shape \(3, 2, 4, 8, 8\)"):
+        sampler(noise, noises=torch.randn(2, 2, 4, 8, 8), text=text)
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+def _cuda_sampler(dtype: torch.dtype = torch.float32, **kw: Any) -> tuple[CUDAGraphSampler, Any]:
+    torch.manual_seed(0)
+    denoiser = wrap(Net().to("cuda", dtype), VP, "eps")
+    return CUDAGraphSampler(denoiser, schedule=VP, **kw), denoiser
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("renoise", ["fresh", "ancestral"])
+def test_replay_equals_eager(dtype: torch.dtype, rtol: float, renoise: str) -> None:
+    sampler, denoiser = _cuda_sampler(dtype, renoise=renoise)
+    noise, text = _inputs(device="cuda", dtype=dtype)
+    noises = torch.randn(3, *noise.shape, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        want = sample(denoiser, noise, schedule=VP, renoise=renoise, noises=noises, text=text)
+    for _ in range(2):  # the capturing call and a pure replay
+        got = sampler(noise, noises=noises, text=text)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+    assert sampler.captures == 1
+
+
+@pytest.mark.cuda
+def test_new_noise_new_samples_and_generator_stream() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    a = sampler(noise, generator=torch.Generator("cuda").manual_seed(0), text=text)
+    b = sampler(noise, generator=torch.Generator("cuda").manual_seed(1), text=text)
+    c = sampler(torch.randn_like(noise), generator=torch.Generator("cuda").manual_seed(1), text=text)
+    assert not torch.allclose(a, b) and not torch.allclose(b, c)
+    with torch.no_grad():
+        want = sample(
+            denoiser, noise, schedule=VP, generator=torch.Generator("cuda").manual_seed(1), text=text
+        )
+    torch.testing.assert_close(b, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_batch_change_captures_and_cache_evicts_least_recent() -> None:
+    sampler, _ = _cuda_sampler(max_graphs=2)
+    for batch in (1, 2, 1):
+        noise, text = _inputs(batch, device="cuda")
+        sampler(noise, text=text)
+    assert sampler.captures == 2 and sampler.num_graphs == 2
+    noise, text = _inputs(3, device="cuda")
+    sampler(noise, text=text)  # evicts batch 2, the least recently used
+    assert sampler.captures == 3 and sampler.num_graphs == 2
+    noise, text = _inputs(1, device="cuda")
+    sampler(noise, text=text)  # still cached
+    assert sampler.captures == 3
+    noise, text = _inputs(2, device="cuda")
+    sampler(noise, text=text)  # evicted before: captured again
+    assert sampler.captures == 4 and sampler.num_graphs == 2
+
+
+@pytest.mark.cuda
+def test_memory_flat_over_100_replays() -> None:
+    sampler, _ = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    sampler(noise, text=text)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(100):
+        sampler(noise, text=text)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.cuda
+def test_in_place_weight_update_needs_no_recapture() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    before = sampler(noise, noises=noises, text=text)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.mul_(-0.5)  # what an optimizer step or load_state_dict does: same storage
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+    got = sampler(noise, noises=noises, text=text)
+    assert sampler.captures == 1 and not torch.allclose(got, before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_capture_failure_falls_back_with_one_warning() -> None:
+    class Syncing(Net):
+        def forward(self, x: torch.Tensor, t: torch.Tensor, *, text: torch.Tensor) -> torch.Tensor:
+            if x.abs().max().item() > 1e6:  # a host read: cannot be captured
+                raise RuntimeError("unreachable")
+            return super().forward(x, t, text=text)
+
+    denoiser = wrap(Syncing().cuda(), VP, "eps")
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    outs, caught = _warnings(lambda: [sampler(noise, noises=noises, text=text) for _ in range(2)])
+    assert len(caught) == 1 and "capture failed" in str(caught[0].message)
+    with torch.no_grad():
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+    torch.testing.assert_close(outs[1], want)
+    assert sampler.num_graphs == 0
+
+
+@pytest.mark.cuda
+def test_sdxl_unet_and_vae_decode_inside_the_graph() -> None:
+    unet, vae = tiny_unet().cuda().eval(), tiny_vae().cuda().eval()
+    denoiser = wrap(unet, VP, "eps")
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z / vae.config.scaling_factor).sample
+
+    sampler = CUDAGraphSampler(denoiser, schedule=VP, renoise="ancestral", decode=decode)
+    noise = torch.randn(2, 4, 8, 8, device="cuda")
+    cond = {
+        "encoder_hidden_states": torch.randn(2, 8, 2 * TEXT, device="cuda"),
+        "text_embeds": torch.randn(2, TEXT, device="cuda"),
+        "time_ids": torch.randn(2, 6, device="cuda"),
+    }
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    got = sampler(noise, noises=noises, **cond)
+    with torch.no_grad():
+        want = decode(sample(denoiser, noise, schedule=VP, renoise="ancestral", noises=noises, **cond))
+    assert got.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_compile_reduce_overhead_equals_eager() -> None:
+    sampler, denoiser = _cuda_sampler(compile="reduce-overhead")
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    with torch.no_grad():
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+    for _ in range(3):
+        torch.testing.assert_close(sampler(noise, noises=noises, text=text), want, rtol=1e-4, atol=1e-4)
