@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from addkit.sampling._plan import Plan
-from addkit.sampling.sampler import Noises, fill_noise
+from addkit.sampling.sampler import Noises, _fill_noise
 
 __all__ = ["CapturedLoop", "Leaves", "cond_key", "flatten", "static_copy", "unflatten", "warm_up"]
 
@@ -86,7 +86,7 @@ class CapturedLoop:
         """Copy the inputs into the static buffers, replay, return a copy of the output."""
         self.noise.copy_(noise)
         if self.noises.shape[0] and noises is None:
-            fill_noise(self.noises, generator)  # the same single draw as the eager path
+            _fill_noise(self.noises, generator)  # the same single draw as the eager path
         elif isinstance(noises, Tensor):
             self.noises.copy_(noises)
         elif self.noises.shape[0]:

@@ -35,11 +35,11 @@ from addkit.sampling.renoise import Renoise, renoise_coefficients
 from addkit.sampling.sampler import (
     DEFAULT_TIMESTEPS,
     Noises,
-    check_config,
-    check_noise,
-    check_noises,
-    draw_noises,
-    run_loop,
+    _check_config,
+    _check_noise,
+    _check_noises,
+    _draw_noises,
+    _run_loop,
 )
 
 __all__ = ["COMPILE_MODES", "CUDAGraphSampler", "EagerFallbackWarning"]
@@ -122,7 +122,7 @@ class CUDAGraphSampler:
         compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         fn = "CUDAGraphSampler"
-        config = check_config(fn, denoiser, schedule, timesteps, renoise, decode)
+        config = _check_config(fn, denoiser, schedule, timesteps, renoise, decode)
         self.denoiser, self.schedule, self.timesteps, self.renoise, self.decode = config
         self.max_graphs = _check_count(fn, "max_graphs", max_graphs)
         self.warmup = _check_count(fn, "warmup", warmup)
@@ -186,8 +186,8 @@ class CUDAGraphSampler:
                 f"{fn}: callback is not supported (a captured loop runs no Python between steps); "
                 f"use addkit.sampling.sample(..., callback=...) to watch the steps"
             )
-        check_noise(fn, noise)
-        noises = check_noises(fn, noises, noise, len(self.timesteps) - 1)
+        _check_noise(fn, noise)
+        noises = _check_noises(fn, noises, noise, len(self.timesteps) - 1)
         leaves = flatten(cond)
         key = (tuple(noise.shape), noise.dtype, noise.device, cond_key(fn, leaves))
         with torch.no_grad():
@@ -211,7 +211,7 @@ class CUDAGraphSampler:
         return entry.replay(noise, noises, generator, leaves)
 
     def _body(self, noise: Tensor, noises: Noises, plan: Plan, cond: dict[str, Any]) -> Tensor:
-        x0 = run_loop(self.denoiser, noise, noises, plan, cond)
+        x0 = _run_loop(self.denoiser, noise, noises, plan, cond)
         return x0 if self.decode is None else self.decode(x0)
 
     def _plan(self, noise: Tensor) -> Plan:
@@ -225,7 +225,7 @@ class CUDAGraphSampler:
     def _noises(self, noise: Tensor, noises: Noises | None, generator: Any) -> Tensor:
         count = len(self.timesteps) - 1
         if noises is None or count == 0:
-            return draw_noises(count, noise, generator if noises is None else None)
+            return _draw_noises(count, noise, generator if noises is None else None)
         return noises if isinstance(noises, Tensor) else torch.stack(list(noises))
 
     def _run_eager(self, noise: Tensor, noises: Noises | None, generator: Any, cond: dict) -> Tensor:

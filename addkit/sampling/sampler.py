@@ -45,7 +45,7 @@ Callback = Callable[[int, Any, Tensor, Tensor], None]
 Noises = Tensor | Sequence[Tensor]
 
 
-def check_noise(fn: str, noise: Any) -> Tensor:
+def _check_noise(fn: str, noise: Any) -> Tensor:
     """Raise unless ``noise`` is a floating tensor with a batch dimension."""
     check_floating(fn, "noise", noise)
     if noise.ndim < 1:
@@ -53,7 +53,7 @@ def check_noise(fn: str, noise: Any) -> Tensor:
     return noise
 
 
-def check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> Noises | None:
+def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> Noises | None:
     """Check explicit re-noising noise: ``count`` tensors shaped like ``noise``."""
     if noises is None:
         return None
@@ -80,18 +80,18 @@ def check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> N
     return noises
 
 
-def fill_noise(buffer: Tensor, generator: torch.Generator | None) -> Tensor:
+def _fill_noise(buffer: Tensor, generator: torch.Generator | None) -> Tensor:
     """Fill ``buffer`` with standard normal noise in place (the one way addkit draws it)."""
     return buffer.normal_(generator=generator)
 
 
-def draw_noises(count: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+def _draw_noises(count: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """``count`` standard normal tensors shaped like ``like``, stacked: ``[count, *like.shape]``."""
     buffer = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
-    return fill_noise(buffer, generator) if count else buffer
+    return _fill_noise(buffer, generator) if count else buffer
 
 
-def run_loop(
+def _run_loop(
     denoiser: Any,
     noise: Tensor,
     noises: Noises,
@@ -165,18 +165,18 @@ def sample(
     fn = "sample"
     check_denoiser(fn, denoiser)
     check_schedule(fn, schedule)
-    check_noise(fn, noise)
+    _check_noise(fn, noise)
     check_choice(fn, "renoise", renoise, RENOISE)
     values = check_timesteps(fn, schedule, timesteps)
-    noises = check_noises(fn, noises, noise, len(values) - 1)
+    noises = _check_noises(fn, noises, noise, len(values) - 1)
     if noises is None:
-        noises = draw_noises(len(values) - 1, noise, generator)
+        noises = _draw_noises(len(values) - 1, noise, generator)
     k = renoise_coefficients(schedule, values, renoise=renoise)
     plan = make_plan(schedule, values, k, device=noise.device, dtype=noise.dtype)
-    return run_loop(denoiser, noise, noises, plan, cond, callback)
+    return _run_loop(denoiser, noise, noises, plan, cond, callback)
 
 
-def check_config(
+def _check_config(
     fn: str, denoiser: Any, schedule: Any, timesteps: Any, renoise: Any, decode: Any
 ) -> tuple[Any, Any, tuple[int | float, ...], Renoise, Callable[[Tensor], Tensor] | None]:
     """The checked configuration shared by the sampler classes."""
@@ -226,7 +226,7 @@ class FewStepSampler(nn.Module):
         decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        config = check_config("FewStepSampler", denoiser, schedule, timesteps, renoise, decode)
+        config = _check_config("FewStepSampler", denoiser, schedule, timesteps, renoise, decode)
         self.denoiser, self.schedule, self.timesteps, self.renoise, self.decode = config
 
     def extra_repr(self) -> str:
