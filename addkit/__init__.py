@@ -27,6 +27,7 @@ from addkit.losses import (
 )
 from addkit.objective import ADDObjective, StudentInputs
 from addkit.parameterization import convert, to_eps, to_flow, to_v, to_x0
+from addkit.sampling import CUDAGraphSampler, FewStepSampler, sample
 from addkit.schedules import FlowSchedule, VPSchedule
 
 __version__ = "0.1.0"
@@ -34,8 +35,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ADDObjective",
     "CLIPFeatures",
+    "CUDAGraphSampler",
     "DINOv2Features",
     "DiffAugment",
+    "FewStepSampler",
     "FlowSchedule",
     "LazyRegularizer",
     "ProjectedDiscriminator",
@@ -55,6 +58,7 @@ __all__ = [
     "non_saturating_d_loss",
     "non_saturating_g_loss",
     "r1_penalty",
+    "sample",
     "sample_distillation_timesteps",
     "to_eps",
     "to_flow",
