@@ -1,0 +1,32 @@
+"""bench_sampler at a tiny size on the CPU: its JSON follows the benchmarks' schema and its ratios are
+relative to the eager loop with the same step count."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+pytest.importorskip("diffusers")
+import bench_sampler  # noqa: E402
+from test_benchmarks import validate  # noqa: E402
+
+
+def test_tiny_run_follows_schema(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        payload = bench_sampler.run(bench_sampler.TINY, torch.device("cpu"), out_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    validate(payload)
+    names = {r["name"] for r in payload["results"]}
+    assert names == {"eager_1step", "diffusers_1step", "eager_2step", "diffusers_2step"}
+    by = {r["name"]: r for r in payload["results"]}
+    assert payload["naive"] == "eager_2step" and by["eager_1step"]["speedup_vs_naive"] == pytest.approx(1.0)
+    assert (tmp_path / "sampler.json").exists()
