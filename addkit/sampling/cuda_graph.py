@@ -200,7 +200,9 @@ class CUDAGraphSampler:
         if self.compile is not None:
             return self._run_compiled(noise, noises, generator, cond)
         if noise.device.type != "cuda":
-            self._warn(f"noise is on {noise.device}, not a CUDA device; running the loop eagerly")
+            self._warn(
+                f"noise is on {noise.device}, not a CUDA device; running the loop eagerly", stacklevel=4
+            )
             return self._run_eager(noise, noises, generator, cond)
         entry = self._graphs.get(key)
         if entry is None and key not in self._failed:
@@ -259,10 +261,11 @@ class CUDAGraphSampler:
             except Exception as err:  # noqa: BLE001 - any capture failure falls back, loudly
                 torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
                 self._failed.add(key)
-                self._warn(
+                self._warn(  # called from _capture <- _run <- __call__
                     f"CUDA-graph capture failed for noise {tuple(noise.shape)} {noise.dtype} "
                     f"({type(err).__name__}: {err}); running the loop eagerly. The denoiser must not "
-                    f"synchronise with the host (.item(), .cpu(), data-dependent shapes)"
+                    f"synchronise with the host (.item(), .cpu(), data-dependent shapes)",
+                    stacklevel=5,
                 )
                 return None
         while len(self._graphs) >= self.max_graphs:  # least recently used first
@@ -272,7 +275,7 @@ class CUDAGraphSampler:
         self.captures += 1
         return entry
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, *, stacklevel: int) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(f"CUDAGraphSampler: {message}", EagerFallbackWarning, stacklevel=4)
+            warnings.warn(f"CUDAGraphSampler: {message}", EagerFallbackWarning, stacklevel=stacklevel)
