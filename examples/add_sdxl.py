@@ -42,6 +42,7 @@ import add_sdxl_tiny as tiny  # noqa: E402
 import addkit  # noqa: E402
 from addkit.denoisers import DiffusersUNetAdapter, WrappedDenoiser  # noqa: E402
 from addkit.objective import ADDObjective  # noqa: E402
+from addkit.sampling import sample  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
 TINY_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
     a("--distill-space", choices=("pixel", "latent"), default="pixel", help="ADD: pixel (decoded by the VAE)")
     a("--guidance-scale", type=float, default=1.0, help="teacher CFG in the distillation loss (1 = off)")
+    a("--negative-prompt", default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
+      help="NFSD's negative prompt (--weighting nfsd)")
     a("--adversarial-loss", default="hinge")
     a("--r1-gamma", type=float, default=1e-5)
     a("--r1-placement", choices=("features", "images", "approximate", "none"), default="features")
@@ -389,22 +392,13 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 # Sampling, grid, diversity, export
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def few_step_sample(denoiser: WrappedDenoiser, noise: torch.Tensor, timesteps: list[int], *,
-                    generator: torch.Generator, **cond: Any) -> torch.Tensor:
-    """ADD sampling (SPEC §6): x0 at each student timestep, fresh re-noising in between."""
-    schedule, x, x0 = denoiser.schedule, noise, noise
-    for i, t in enumerate(timesteps):
-        x0 = denoiser.x0(x, t, **cond)
-        if i + 1 < len(timesteps):
-            eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
-            x = schedule.add_noise(x0, eps, timesteps[i + 1])
-    return x0
-
-
-@torch.no_grad()
 def generate(student: WrappedDenoiser, models: Models, text: TextEncoder, prompts: list[str],
              seeds: list[int], steps: list[int], resolution: int) -> torch.Tensor:
-    """Latents ``[len(prompts) * len(seeds), C, h, w]`` (prompt-major) from fixed seeds."""
+    """Latents ``[len(prompts) * len(seeds), C, h, w]`` (prompt-major) from fixed seeds.
+
+    ADD sampling (SPEC §6) with addkit's sampler: x0 at each student timestep from pure noise,
+    fresh re-noising in between; no classifier-free guidance.
+    """
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     shape = (models.student.config.in_channels, resolution // factor, resolution // factor)
     device = text.device
@@ -415,8 +409,9 @@ def generate(student: WrappedDenoiser, models: Models, text: TextEncoder, prompt
             cond["time_ids"] = size_ids(torch.tensor([[resolution] * 2] * len(seeds)),
                                         torch.zeros(len(seeds), 2, dtype=torch.long), resolution).to(device)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        gen = torch.Generator(device).manual_seed(10_000 + seeds[0])
-        out.append(few_step_sample(student, noise.to(device), steps, generator=gen, **cond))
+        gen = torch.Generator(device).manual_seed(10_000 + seeds[0])  # re-noising between steps
+        out.append(sample(student, noise.to(device), schedule=models.schedule, timesteps=steps,
+                          renoise="fresh", generator=gen, **cond))
     return torch.cat(out)
 
 
@@ -553,6 +548,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         module.to(device, dtype=weight_dtype)
     if models.image_encoder is not None:
         models.image_encoder.to(device, dtype=weight_dtype)
+    if args.lora_rank:  # frozen base in the compute dtype, LoRA weights in float32
+        from diffusers.training_utils import cast_training_params
+
+        models.student.to(device, dtype=weight_dtype)
+        cast_training_params(models.student, dtype=torch.float32)
     disc = build_discriminator(args, models).to(device)
     set_seed(args.seed, device_specific=True)  # training randomness differs per process
 
@@ -677,14 +677,20 @@ def micro_step(args, accelerator, objective, denoiser, disc, models, text, batch
         x0 = latent_dist.sample().float() * models.vae.config.scaling_factor
         c_image = embed_images(models.image_encoder, pixels) if models.image_encoder is not None else None
     inp = objective.sample_student_inputs(x0)  # the objective zeroes c_image at the pure-noise step
-    uncond = unconditional(cond, models, text) if args.guidance_scale != 1.0 else None
+    nfsd = args.weighting == "nfsd"
+    uncond = unconditional(cond, models, text) if args.guidance_scale != 1.0 or nfsd else None
+    negative = None
+    if nfsd:
+        negative, _ = text([args.negative_prompt] * len(batch["caption"]))
+        negative.update({k: v for k, v in cond.items() if k == "time_ids"})
     scale = 1.0 / args.gradient_accumulation
 
     disc.requires_grad_(False)  # generator step: gradients reach the student only
     with accelerator.autocast():
         student_x0 = denoiser.x0(inp.x_t, inp.t, **cond)
         loss_g, logs_g = objective.generator_loss(student_x0, teacher_cond=cond, teacher_uncond=uncond,
-                                                  c_text=pooled, c_image=c_image, student_t=inp.t)
+                                                  negative_cond=negative, c_text=pooled, c_image=c_image,
+                                                  student_t=inp.t)
     if step in args.debug_nonfinite_at:
         loss_g = loss_g * float("nan")
     accelerator.backward(loss_g * scale)

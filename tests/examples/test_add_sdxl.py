@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import add_sdxl  # noqa: E402
 import add_sdxl_data  # noqa: E402
+import sample_sdxl  # noqa: E402
 
 FAST = ["--preset", "tiny", "--grid-seeds", "0", "--diversity-seeds", "2", "--checkpoint-every", "2"]
 
@@ -86,6 +87,16 @@ def test_tiny_run_writes_checkpoint_logs_grid_and_loadable_export(straight):
     image = pipe("a red circle", num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
                  output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_exported_student_samples_with_addkit_sampler(straight, tmp_path):
+    from PIL import Image
+
+    out, _ = straight
+    path = sample_sdxl.main([str(out / "export"), "a red circle", "--steps", "4", "--seeds", "0", "1",
+                             "--out", str(tmp_path / "s.png")])
+    assert Image.open(path).size == (2 * 32, 32)
 
 
 @pytest.mark.slow
