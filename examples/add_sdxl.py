@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--checkpoints-keep", type=int, default=3)
     a("--resume", default=None, help="'latest' or a checkpoint folder")
     a("--max-nonfinite-in-row", type=int, default=10)
-    a("--sample-every", type=int, default=None)
+    a("--sample-every", type=int, default=None,
+      help="sample grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)")
     a("--grid-prompts", nargs="+", default=None)
     a("--grid-seeds", type=int, nargs="+", default=[0, 1])
     a("--diversity-seeds", type=int, default=4)
@@ -649,7 +650,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 f"stopping: {progress.nonfinite_in_row} steps in a row (up to step {step}) had a non-finite "
                 f"loss or gradient and were skipped; {where}. Lower --lr / --lr-d, enable --max-grad-norm, "
                 f"or check the data and --mixed-precision")
-        if step % args.sample_every == 0 or step == args.max_steps:
+        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             if accelerator.is_main_process:
                 report(args, output_dir, step, sample_denoiser, models, text, disc, prompts, ema, trainable,
                        accelerator)

@@ -43,9 +43,16 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Four steps in one go: the reference for the resume tests."""
+    """Four steps in one go: the reference for the resume test."""
     out = tmp_path_factory.mktemp("straight")
     return out, run(out, "--max-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The first two of those steps, in a run that stops there (checkpoint at step 2)."""
+    out = tmp_path_factory.mktemp("half")
+    return out, run(out, "--max-steps", "2", "--sample-every", "0")
 
 
 def _scalars(logdir: Path) -> dict[str, list[float]]:
@@ -100,57 +107,62 @@ def test_exported_student_samples_with_addkit_sampler(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_straight_run(straight, tmp_path):
+def test_resume_equals_straight_run(straight, half):
     _, reference = straight
-    first = run(tmp_path, "--max-steps", "2")
+    out, first = half
     assert first["step"] == 2
-    resumed = run(tmp_path, "--max-steps", "4", "--resume", "latest")
+    resumed = run(out, "--max-steps", "4", "--resume", "latest", "--sample-every", "0")
     assert resumed["step"] == 4
     assert_same_weights(resumed["student"], reference["student"])
     assert_same_weights(resumed["discriminator"], reference["discriminator"])
 
 
 @pytest.mark.slow
-def test_crash_during_checkpoint_write_resumes_from_previous(straight, tmp_path, monkeypatch):
+def test_crash_during_checkpoint_write_resumes_from_previous(half, tmp_path, monkeypatch):
     import accelerate
 
-    _, reference = straight
+    _, reference = half
     original = accelerate.Accelerator.save_state
     calls = []
 
     def crashing_save_state(self, output_dir=None, **kwargs):
         calls.append(output_dir)
-        if len(calls) == 2:  # the step-4 save dies half-way through its files
+        if len(calls) == 2:  # the step-2 save dies half-way through its files
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt("simulated kill during checkpoint write")
         return original(self, output_dir, **kwargs)
 
+    argv = ["--max-steps", "2", "--checkpoint-every", "1", "--sample-every", "0"]
     monkeypatch.setattr(accelerate.Accelerator, "save_state", crashing_save_state)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "--max-steps", "4")
+        run(tmp_path, *argv)
     monkeypatch.setattr(accelerate.Accelerator, "save_state", original)
 
-    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000002"]
-    assert (tmp_path / "checkpoints" / ".tmp-step-0000004").is_dir()  # the torn write, ignored
-    resumed = run(tmp_path, "--max-steps", "4", "--resume", "latest")
-    assert resumed["step"] == 4
+    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000001"]
+    assert (tmp_path / "checkpoints" / ".tmp-step-0000002").is_dir()  # the torn write, ignored
+    resumed = run(tmp_path, *argv, "--resume", "latest")
+    assert resumed["step"] == 2
     assert_same_weights(resumed["student"], reference["student"])
     assert_same_weights(resumed["discriminator"], reference["discriminator"])
-    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
 
 
 @pytest.mark.slow
 def test_nonfinite_loss_is_skipped_counted_and_stops_after_k_in_a_row(tmp_path):
-    argv = ["--max-steps", "6", "--max-nonfinite-in-row", "2", "--debug-nonfinite-at", "1", "3", "4"]
-    with pytest.raises(add_sdxl.NonFiniteLossError, match=r"2 steps in a row .*step 4.*step-0000002.* intact"):
+    from safetensors.torch import load_file
+
+    argv = ["--max-steps", "6", "--checkpoint-every", "1", "--sample-every", "0",
+            "--max-nonfinite-in-row", "2", "--debug-nonfinite-at", "2", "3"]
+    with pytest.raises(add_sdxl.NonFiniteLossError, match=r"2 steps in a row .*step 3.*step-0000002.* intact"):
         run(tmp_path, *argv)
-    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000002"]
-    progress = torch.load(tmp_path / "checkpoints" / "step-0000002" / "custom_checkpoint_0.pkl",
-                          weights_only=False)
-    assert progress == {"step": 2, "samples": 4, "nonfinite_total": 1, "nonfinite_in_row": 0}
-    counted = _scalars(tmp_path / "logs")["nonfinite/total"]
-    assert counted == [1.0, 1.0, 2.0, 3.0]
+    ckpt = tmp_path / "checkpoints"
+    assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
+    progress = torch.load(ckpt / "step-0000002" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert progress == {"step": 2, "samples": 4, "nonfinite_total": 1, "nonfinite_in_row": 1}
+    before, after = (load_file(ckpt / f"step-000000{i}" / "model.safetensors") for i in (1, 2))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed nothing
+    assert _scalars(tmp_path / "logs")["nonfinite/total"] == [0.0, 1.0, 2.0]
 
 
 @pytest.mark.slow
