@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe's helper modules beside it
 
-import add_sdxl_data as data  # noqa: E402
-import add_sdxl_tiny as tiny  # noqa: E402
+import add_sdxl_data as data
+import add_sdxl_tiny as tiny
 
-import addkit  # noqa: E402
-from addkit.denoisers import DiffusersUNetAdapter, WrappedDenoiser  # noqa: E402
-from addkit.objective import ADDObjective  # noqa: E402
-from addkit.sampling import sample  # noqa: E402
+import addkit
+from addkit.denoisers import DiffusersUNetAdapter, WrappedDenoiser
+from addkit.objective import ADDObjective
+from addkit.sampling import sample
 
 CHECKPOINT_PREFIX = "step-"
 TINY_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
@@ -66,10 +66,16 @@ class NonFiniteLossError(RecipeError):
 # Command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = p.add_argument
-    a("--preset", choices=("tiny", "none"), default=None,
-      help="tiny: random SDXL-architecture models and generated data (default when --pretrained is not given)")
+    a(
+        "--preset",
+        choices=("tiny", "none"),
+        default=None,
+        help="tiny: random SDXL-architecture models, generated data (default without --pretrained)",
+    )
     a("--pretrained", help="diffusers SDXL / SD 1.x / SD 2.x checkpoint (hub id or folder)")
     a("--revision", default=None)
     a("--output-dir", default="outputs/add_sdxl")
@@ -77,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--split", default="train")
     a("--image-column", default=None)
     a("--caption-column", default=None)
-    a("--resolution", type=int, default=None, help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)")
+    a(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)",
+    )
     a("--num-workers", type=int, default=0)
     # student
     a("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the full student")
@@ -88,21 +99,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
     a("--distill-space", choices=("pixel", "latent"), default="pixel", help="ADD: pixel (decoded by the VAE)")
     a("--guidance-scale", type=float, default=1.0, help="teacher CFG in the distillation loss (1 = off)")
-    a("--negative-prompt", default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
-      help="NFSD's negative prompt (--weighting nfsd)")
+    a(
+        "--negative-prompt",
+        default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
+        help="NFSD's negative prompt (--weighting nfsd)",
+    )
     a("--adversarial-loss", default="hinge")
     a("--r1-gamma", type=float, default=1e-5)
     a("--r1-placement", choices=("features", "images", "approximate", "none"), default="features")
     a("--r1-interval", type=int, default=1)
     a("--student-timesteps", type=int, nargs="+", default=[999, 749, 499, 249])
     # discriminator
-    a("--discriminator", choices=("dinov2", "teacher"), default="dinov2",
-      help="dinov2: ADD's DINOv2 features on decoded images; teacher: LADD's teacher features on latents")
+    a(
+        "--discriminator",
+        choices=("dinov2", "teacher"),
+        default="dinov2",
+        help="dinov2: ADD's DINOv2 features on decoded images; teacher: LADD's teacher features on latents",
+    )
     a("--dinov2", default="vit_small_patch14_dinov2.lvd142m", help="timm name (ADD: ViT-S/14)")
     a("--dinov2-weights", default=None, help="local weights file for --dinov2 (offline)")
     a("--dinov2-resolution", type=int, default=224)
-    a("--image-encoder", default="vit_large_patch14_dinov2.lvd142m",
-      help="timm model for the discriminator's image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'")
+    a(
+        "--image-encoder",
+        default="vit_large_patch14_dinov2.lvd142m",
+        help="timm model for the discriminator's image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'",
+    )
     a("--teacher-taps", nargs="+", default=None, help="UNet blocks for --discriminator teacher")
     # optimisation
     a("--max-steps", type=int, default=None)
@@ -121,16 +142,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--checkpoints-keep", type=int, default=3)
     a("--resume", default=None, help="'latest' or a checkpoint folder")
     a("--max-nonfinite-in-row", type=int, default=10)
-    a("--sample-every", type=int, default=None,
-      help="sample grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)")
+    a(
+        "--sample-every",
+        type=int,
+        default=None,
+        help="sample grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)",
+    )
     a("--grid-prompts", nargs="+", default=None)
     a("--grid-seeds", type=int, nargs="+", default=[0, 1])
     a("--diversity-seeds", type=int, default=4)
     a("--log-every", type=int, default=1)
-    a("--export-pipeline", action=argparse.BooleanOptionalAction, default=None,
-      help="also write a complete pipeline folder (default: on for tiny)")
-    a("--debug-nonfinite-at", type=int, nargs="*", default=[],
-      help="(testing) replace the generator loss by NaN at these steps")
+    a(
+        "--export-pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write a complete pipeline folder (default: on for tiny)",
+    )
+    a(
+        "--debug-nonfinite-at",
+        type=int,
+        nargs="*",
+        default=[],
+        help="(testing) replace the generator loss by NaN at these steps",
+    )
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = "none" if args.pretrained else "tiny"
@@ -139,11 +173,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.preset == "none" and not args.data:
         p.error("--data is required with --pretrained")
     tiny_run = args.preset == "tiny"
-    defaults = dict(
-        max_steps=4 if tiny_run else 10_000, batch_size=2 if tiny_run else 4, lr=1e-4 if tiny_run else 1e-5,
-        lr_d=1e-4 if tiny_run else 2e-5, checkpoint_every=2 if tiny_run else 500,
-        sample_every=4 if tiny_run else 500, export_pipeline=tiny_run,
-    )
+    defaults = {
+        "max_steps": 4 if tiny_run else 10_000,
+        "batch_size": 2 if tiny_run else 4,
+        "lr": 1e-4 if tiny_run else 1e-5,
+        "lr_d": 1e-4 if tiny_run else 2e-5,
+        "checkpoint_every": 2 if tiny_run else 500,
+        "sample_every": 4 if tiny_run else 500,
+        "export_pipeline": tiny_run,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -176,13 +214,16 @@ def load_models(args: argparse.Namespace) -> Models:
     if args.preset == "tiny":
         parts = tiny.build_parts(args.seed)
         teacher, vae = parts.unet, parts.vae
-        encoders, tokenizers = [parts.text_encoder, parts.text_encoder_2], [parts.tokenizer, parts.tokenizer_2]
+        encoders, tokenizers = (
+            [parts.text_encoder, parts.text_encoder_2],
+            [parts.tokenizer, parts.tokenizer_2],
+        )
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
         args.resolution = args.resolution or tiny.RESOLUTION
     else:
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-        src = dict(pretrained_model_name_or_path=args.pretrained, revision=args.revision)
+        src = {"pretrained_model_name_or_path": args.pretrained, "revision": args.revision}
         teacher = UNet2DConditionModel.from_pretrained(**src, subfolder="unet")
         vae = AutoencoderKL.from_pretrained(**src, subfolder="vae")
         scheduler = DDPMScheduler.from_pretrained(**src, subfolder="scheduler")
@@ -202,18 +243,29 @@ def load_models(args: argparse.Namespace) -> Models:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            student.add_adapter(LoraConfig(
-                r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            ))
+            student.add_adapter(
+                LoraConfig(
+                    r=args.lora_rank,
+                    lora_alpha=args.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                )
+            )
     else:
         student.requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return Models(
-        teacher=teacher, student=student, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
-        schedule=addkit.VPSchedule.from_diffusers(scheduler), prediction=scheduler.config.prediction_type,
-        sdxl=sdxl, scheduler_config=dict(scheduler.config), image_encoder=load_image_encoder(args),
+        teacher=teacher,
+        student=student,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        schedule=addkit.VPSchedule.from_diffusers(scheduler),
+        prediction=scheduler.config.prediction_type,
+        sdxl=sdxl,
+        scheduler_config=dict(scheduler.config),
+        image_encoder=load_image_encoder(args),
     )
 
 
@@ -241,22 +293,35 @@ def embed_images(encoder: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.ProjectedDiscriminator:
     """ADD's DINOv2 projected discriminator, or LADD's teacher-feature one (seeded heads)."""
-    pooled_dim = models.text_encoders[-1].config.projection_dim if models.sdxl else (
-        models.text_encoders[-1].config.hidden_size)
+    pooled_dim = (
+        models.text_encoders[-1].config.projection_dim
+        if models.sdxl
+        else (models.text_encoders[-1].config.hidden_size)
+    )
     c_image_dim = models.image_encoder.num_features if models.image_encoder is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 2)
         if args.discriminator == "teacher":
             return addkit.ProjectedDiscriminator(
-                teacher_features(args, models), c_text_dim=pooled_dim, c_image_dim=None)
+                teacher_features(args, models), c_text_dim=pooled_dim, c_image_dim=None
+            )
         augment = addkit.DiffAugment()
         if args.preset == "tiny":
             return addkit.ProjectedDiscriminator.from_dinov2(
-                "vit_small_patch14_dinov2", c_text_dim=pooled_dim, c_image_dim=c_image_dim, augment=augment,
-                **tiny.dinov2_kwargs())
+                "vit_small_patch14_dinov2",
+                c_text_dim=pooled_dim,
+                c_image_dim=c_image_dim,
+                augment=augment,
+                **tiny.dinov2_kwargs(),
+            )
         return addkit.ProjectedDiscriminator.from_dinov2(
-            args.dinov2, pretrained=args.dinov2_weights or True, resolution=args.dinov2_resolution,
-            c_text_dim=pooled_dim, c_image_dim=c_image_dim, augment=augment)
+            args.dinov2,
+            pretrained=args.dinov2_weights or True,
+            resolution=args.dinov2_resolution,
+            c_text_dim=pooled_dim,
+            c_image_dim=c_image_dim,
+            augment=augment,
+        )
 
 
 def teacher_features(args: argparse.Namespace, models: Models) -> addkit.TeacherFeatures:
@@ -276,7 +341,9 @@ def teacher_features(args: argparse.Namespace, models: Models) -> addkit.Teacher
         cond = {"encoder_hidden_states": x_t.new_zeros(b, 1, unet.config.cross_attention_dim)}
         if models.sdxl:
             side = x_t.shape[-1] * 2 ** (len(models.vae.config.block_out_channels) - 1)
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            pooled = (
+                unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            )
             cond["text_embeds"] = x_t.new_zeros(b, pooled)
             cond["time_ids"] = x_t.new_tensor([[side, side, 0, 0, side, side]]).expand(b, 6)
         return adapter(x_t, t, **cond)
@@ -294,8 +361,13 @@ class TextEncoder:
     def __call__(self, captions: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.models.tokenizers, self.models.text_encoders):
-            ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(self.device)
+            ids = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
             out = encoder(ids, output_hidden_states=True)
             if self.models.sdxl:  # SDXL: penultimate layer of both encoders, pooled from the second
                 hidden.append(out.hidden_states[-2])
@@ -315,7 +387,9 @@ def size_ids(original_size: torch.Tensor, crop: torch.Tensor, resolution: int) -
     return torch.cat([original_size, crop, target], dim=1).float()
 
 
-def unconditional(cond: dict[str, torch.Tensor], models: Models, text: TextEncoder) -> dict[str, torch.Tensor]:
+def unconditional(
+    cond: dict[str, torch.Tensor], models: Models, text: TextEncoder
+) -> dict[str, torch.Tensor]:
     """Teacher CFG's unconditional branch: zeros for SDXL (its pipeline default), '' for SD."""
     if models.sdxl:
         return {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
@@ -345,8 +419,12 @@ class Progress:
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
     root = output_dir / "checkpoints"
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p
+        for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, step: int, keep: int) -> Path:
@@ -393,8 +471,15 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 # Sampling, grid, diversity, export
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(student: WrappedDenoiser, models: Models, text: TextEncoder, prompts: list[str],
-             seeds: list[int], steps: list[int], resolution: int) -> torch.Tensor:
+def generate(
+    student: WrappedDenoiser,
+    models: Models,
+    text: TextEncoder,
+    prompts: list[str],
+    seeds: list[int],
+    steps: list[int],
+    resolution: int,
+) -> torch.Tensor:
     """Latents ``[len(prompts) * len(seeds), C, h, w]`` (prompt-major) from fixed seeds.
 
     ADD sampling (SPEC §6) with addkit's sampler: x0 at each student timestep from pure noise,
@@ -407,12 +492,24 @@ def generate(student: WrappedDenoiser, models: Models, text: TextEncoder, prompt
     for prompt in prompts:
         cond, _ = text([prompt] * len(seeds))
         if models.sdxl:
-            cond["time_ids"] = size_ids(torch.tensor([[resolution] * 2] * len(seeds)),
-                                        torch.zeros(len(seeds), 2, dtype=torch.long), resolution).to(device)
+            cond["time_ids"] = size_ids(
+                torch.tensor([[resolution] * 2] * len(seeds)),
+                torch.zeros(len(seeds), 2, dtype=torch.long),
+                resolution,
+            ).to(device)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         gen = torch.Generator(device).manual_seed(10_000 + seeds[0])  # re-noising between steps
-        out.append(sample(student, noise.to(device), schedule=models.schedule, timesteps=steps,
-                          renoise="fresh", generator=gen, **cond))
+        out.append(
+            sample(
+                student,
+                noise.to(device),
+                schedule=models.schedule,
+                timesteps=steps,
+                renoise="fresh",
+                generator=gen,
+                **cond,
+            )
+        )
     return torch.cat(out)
 
 
@@ -423,8 +520,15 @@ def decode(models: Models, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grid(path: Path, student: WrappedDenoiser, models: Models, text: TextEncoder,
-                prompts: list[str], seeds: list[int], args: argparse.Namespace) -> None:
+def sample_grid(
+    path: Path,
+    student: WrappedDenoiser,
+    models: Models,
+    text: TextEncoder,
+    prompts: list[str],
+    seeds: list[int],
+    args: argparse.Namespace,
+) -> None:
     """PNG grid: one row per (steps, prompt) for 1 and 4 steps, one column per seed."""
     from PIL import Image
 
@@ -439,8 +543,15 @@ def sample_grid(path: Path, student: WrappedDenoiser, models: Models, text: Text
 
 
 @torch.no_grad()
-def diversity(student: WrappedDenoiser, models: Models, text: TextEncoder, disc: Any, prompt: str,
-              n: int, args: argparse.Namespace) -> dict[str, float]:
+def diversity(
+    student: WrappedDenoiser,
+    models: Models,
+    text: TextEncoder,
+    disc: Any,
+    prompt: str,
+    n: int,
+    args: argparse.Namespace,
+) -> dict[str, float]:
     """Mean pairwise L2 distance of samples across ``n`` seeds for one prompt, in D's feature space.
 
     Features: per tap, the mean over tokens; taps concatenated. A collapse of diversity (the
@@ -487,9 +598,15 @@ def export(args: argparse.Namespace, accelerator: Any, models: Models, student: 
     if args.export_pipeline:
         # SDXL-Turbo's sampler in diffusers: Euler ancestral, trailing spacing, no CFG.
         scheduler = EulerAncestralDiscreteScheduler.from_config(
-            models.scheduler_config, timestep_spacing="trailing")
-        parts = dict(unet=unet, vae=models.vae, scheduler=scheduler, text_encoder=models.text_encoders[0],
-                     tokenizer=models.tokenizers[0])
+            models.scheduler_config, timestep_spacing="trailing"
+        )
+        parts = {
+            "unet": unet,
+            "vae": models.vae,
+            "scheduler": scheduler,
+            "text_encoder": models.text_encoders[0],
+            "tokenizer": models.tokenizers[0],
+        }
         if models.sdxl:
             parts.update(text_encoder_2=models.text_encoders[1], tokenizer_2=models.tokenizers[1])
         else:
@@ -525,23 +642,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with="tensorboard", step_scheduler_with_optimizer=False,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard",
+        step_scheduler_with_optimizer=False,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
     )
     device = accelerator.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != accelerator.num_processes:  # e.g. torchrun on CPU without ACCELERATE_USE_CPU=1
         raise RecipeError(
             f"{world} processes were launched but accelerate sees {accelerator.num_processes}: on CPU, "
-            "run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`")
+            "run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`"
+        )
     if args.ema_decay and accelerator.distributed_type == DistributedType.FSDP:
         raise RecipeError("--ema-decay with FSDP is not supported (the EMA would hold sharded parameters)")
     if args.preset == "tiny" and not args.data:
         with accelerator.main_process_first():
-            args.data = str(tiny.make_dataset(output_dir / "tiny_data", seed=args.seed)) if (
-                accelerator.is_main_process) else str(output_dir / "tiny_data")
-    records = data.load_records(args.data, split=args.split, image_column=args.image_column,
-                                caption_column=args.caption_column)
+            args.data = (
+                str(tiny.make_dataset(output_dir / "tiny_data", seed=args.seed))
+                if (accelerator.is_main_process)
+                else str(output_dir / "tiny_data")
+            )
+    records = data.load_records(
+        args.data, split=args.split, image_column=args.image_column, caption_column=args.caption_column
+    )
     models = load_models(args)  # seeded: identical on every process; sets the default resolution
     dataset = data.ImageCaptionDataset(records, args.resolution)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
@@ -559,11 +685,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     trainable = [p for p in models.student.parameters() if p.requires_grad]
     opt_g = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr_d, betas=tuple(args.adam_betas_d), weight_decay=0.0)
+    opt_d = torch.optim.AdamW(
+        disc.parameters(), lr=args.lr_d, betas=tuple(args.adam_betas_d), weight_decay=0.0
+    )
     warmup = max(1, args.warmup_steps)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / warmup))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lambda s: min(1.0, (s + 1) / warmup))
-    student, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(models.student, opt_g, opt_d, sched_g, sched_d)
+    student, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
+        models.student, opt_g, opt_d, sched_g, sched_d
+    )
     ema = None
     if args.ema_decay:
         ema = EMAModel(trainable, decay=args.ema_decay)
@@ -577,28 +707,50 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"resumed from {path} at step {progress.step}")
 
     objective = ADDObjective(
-        addkit.wrap(models.teacher, models.schedule, models.prediction), disc, models.schedule,
-        lambda_distill=args.lambda_distill, weighting=args.weighting, space=args.distill_space,
+        addkit.wrap(models.teacher, models.schedule, models.prediction),
+        disc,
+        models.schedule,
+        lambda_distill=args.lambda_distill,
+        weighting=args.weighting,
+        space=args.distill_space,
         decode=(lambda z: decode(models, z)) if args.discriminator == "dinov2" else None,
-        guidance_scale=args.guidance_scale, adversarial_loss=args.adversarial_loss, r1_gamma=args.r1_gamma,
-        r1_placement=None if args.r1_placement == "none" else args.r1_placement, r1_interval=args.r1_interval,
+        guidance_scale=args.guidance_scale,
+        adversarial_loss=args.adversarial_loss,
+        r1_gamma=args.r1_gamma,
+        r1_placement=None if args.r1_placement == "none" else args.r1_placement,
+        r1_interval=args.r1_interval,
         student_timesteps=tuple(args.student_timesteps),
     )
     denoiser = WrappedDenoiser(DiffusersUNetAdapter(student), models.schedule, models.prediction)
-    sample_denoiser = WrappedDenoiser(DiffusersUNetAdapter(accelerator.unwrap_model(student)), models.schedule,
-                                      models.prediction)
+    sample_denoiser = WrappedDenoiser(
+        DiffusersUNetAdapter(accelerator.unwrap_model(student)), models.schedule, models.prediction
+    )
     text = TextEncoder(models, device)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=args.num_workers, generator=torch.Generator(),
-        sampler=data.StreamSampler(len(dataset), seed=args.seed, start=progress.samples,
-                                   rank=accelerator.process_index, world=accelerator.num_processes),
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        generator=torch.Generator(),
+        sampler=data.StreamSampler(
+            len(dataset),
+            seed=args.seed,
+            start=progress.samples,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        ),
     )
     batches = iter(loader)
     prompts = list(args.grid_prompts or (TINY_PROMPTS if args.preset == "tiny" else SDXL_PROMPTS))
-    accelerator.init_trackers("add_sdxl", config={k: v for k, v in vars(args).items()
-                                                  if isinstance(v, (int, float, str, bool))})
-    bar = tqdm(total=args.max_steps, initial=progress.step, disable=not accelerator.is_main_process,
-               desc="ADD", dynamic_ncols=True)
+    accelerator.init_trackers(
+        "add_sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    )
+    bar = tqdm(
+        total=args.max_steps,
+        initial=progress.step,
+        disable=not accelerator.is_main_process,
+        desc="ADD",
+        dynamic_ncols=True,
+    )
     samples_per_step = args.batch_size * accelerator.num_processes * args.gradient_accumulation
     last_checkpoint = None
 
@@ -610,8 +762,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             batch = next(batches)
             sync = micro == args.gradient_accumulation - 1
             with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
-                loss_g, loss_d, logs = micro_step(args, accelerator, objective, denoiser, disc, models, text,
-                                                  batch, step)
+                loss_g, loss_d, logs = micro_step(
+                    args, accelerator, objective, denoiser, disc, models, text, batch, step
+                )
             bad |= not (bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d)))
         progress.samples += samples_per_step
         _average_grads(accelerator, list(disc.parameters()))
@@ -634,14 +787,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         progress.step = step
 
         logs = {k: float(v) for k, v in logs.items()}
-        logs.update({"lr/student": sched_g.get_last_lr()[0], "lr/discriminator": sched_d.get_last_lr()[0],
-                     "grad_norm/student": float(norm_g), "nonfinite/total": progress.nonfinite_total,
-                     "images_per_second": samples_per_step / (time.perf_counter() - started)})
+        logs.update(
+            {
+                "lr/student": sched_g.get_last_lr()[0],
+                "lr/discriminator": sched_d.get_last_lr()[0],
+                "grad_norm/student": float(norm_g),
+                "nonfinite/total": progress.nonfinite_total,
+                "images_per_second": samples_per_step / (time.perf_counter() - started),
+            }
+        )
         if step % args.log_every == 0:
             accelerator.log(logs, step=step)
         bar.update(1)
-        bar.set_postfix({k.split("/")[-1]: f"{logs[k]:.3g}" for k in ("g/adv", "g/distill", "d/total") if k in logs},
-                        refresh=False)
+        bar.set_postfix(
+            {k.split("/")[-1]: f"{logs[k]:.3g}" for k in ("g/adv", "g/distill", "d/total") if k in logs},
+            refresh=False,
+        )
         if progress.nonfinite_in_row >= args.max_nonfinite_in_row:
             bar.close()
             accelerator.end_training()
@@ -649,11 +810,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise NonFiniteLossError(
                 f"stopping: {progress.nonfinite_in_row} steps in a row (up to step {step}) had a non-finite "
                 f"loss or gradient and were skipped; {where}. Lower --lr / --lr-d, enable --max-grad-norm, "
-                f"or check the data and --mixed-precision")
+                f"or check the data and --mixed-precision"
+            )
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             if accelerator.is_main_process:
-                report(args, output_dir, step, sample_denoiser, models, text, disc, prompts, ema, trainable,
-                       accelerator)
+                report(
+                    args,
+                    output_dir,
+                    step,
+                    sample_denoiser,
+                    models,
+                    text,
+                    disc,
+                    prompts,
+                    ema,
+                    trainable,
+                    accelerator,
+                )
             accelerator.wait_for_everyone()
         if step % args.checkpoint_every == 0 or step == args.max_steps:
             last_checkpoint = save_checkpoint(accelerator, output_dir, step, args.checkpoints_keep)
@@ -662,8 +835,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     exported = export(args, accelerator, models, student, ema) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": progress.step, "nonfinite_total": progress.nonfinite_total, "export": exported,
-            "checkpoint": last_checkpoint, "student": accelerator.unwrap_model(student), "discriminator": disc}
+    return {
+        "step": progress.step,
+        "nonfinite_total": progress.nonfinite_total,
+        "export": exported,
+        "checkpoint": last_checkpoint,
+        "student": accelerator.unwrap_model(student),
+        "discriminator": disc,
+    }
 
 
 def micro_step(args, accelerator, objective, denoiser, disc, models, text, batch, step):
@@ -672,7 +851,9 @@ def micro_step(args, accelerator, objective, denoiser, disc, models, text, batch
     pixels = batch["pixels"].to(device)
     cond, pooled = text(batch["caption"])
     if models.sdxl:
-        cond["time_ids"] = size_ids(batch["original_size"], batch["crop_top_left"], args.resolution).to(device)
+        cond["time_ids"] = size_ids(batch["original_size"], batch["crop_top_left"], args.resolution).to(
+            device
+        )
     with torch.no_grad():
         latent_dist = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
         x0 = latent_dist.sample().float() * models.vae.config.scaling_factor
@@ -689,9 +870,15 @@ def micro_step(args, accelerator, objective, denoiser, disc, models, text, batch
     disc.requires_grad_(False)  # generator step: gradients reach the student only
     with accelerator.autocast():
         student_x0 = denoiser.x0(inp.x_t, inp.t, **cond)
-        loss_g, logs_g = objective.generator_loss(student_x0, teacher_cond=cond, teacher_uncond=uncond,
-                                                  negative_cond=negative, c_text=pooled, c_image=c_image,
-                                                  student_t=inp.t)
+        loss_g, logs_g = objective.generator_loss(
+            student_x0,
+            teacher_cond=cond,
+            teacher_uncond=uncond,
+            negative_cond=negative,
+            c_text=pooled,
+            c_image=c_image,
+            student_t=inp.t,
+        )
     if step in args.debug_nonfinite_at:
         loss_g = loss_g * float("nan")
     accelerator.backward(loss_g * scale)
@@ -701,8 +888,9 @@ def micro_step(args, accelerator, objective, denoiser, disc, models, text, batch
         with torch.no_grad():
             fake = objective.discriminator_input(student_x0.detach())
         real = pixels if args.discriminator == "dinov2" else x0
-        loss_d, logs_d = objective.discriminator_loss(real, fake, c_text=pooled, c_image=c_image,
-                                                      student_t=inp.t, step=step)
+        loss_d, logs_d = objective.discriminator_loss(
+            real, fake, c_text=pooled, c_image=c_image, student_t=inp.t, step=step
+        )
     accelerator.backward(loss_d * scale)
     return loss_g.detach(), loss_d.detach(), {**logs_g, **logs_d}
 
@@ -715,7 +903,9 @@ def report(args, output_dir, step, denoiser, models, text, disc, prompts, ema, t
     try:
         path = output_dir / "samples" / f"step-{step:07d}.png"
         sample_grid(path, denoiser, models, text, prompts, list(args.grid_seeds), args)
-        accelerator.log(diversity(denoiser, models, text, disc, prompts[0], args.diversity_seeds, args), step=step)
+        accelerator.log(
+            diversity(denoiser, models, text, disc, prompts[0], args.diversity_seeds, args), step=step
+        )
     finally:
         if ema is not None:
             ema.restore(trainable)

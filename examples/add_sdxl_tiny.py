@@ -149,8 +149,13 @@ def image_encoder(seed: int) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return timm.create_model(
-            "vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=2, embed_dim=32,
-            num_heads=2, num_classes=0,
+            "vit_small_patch14_dinov2",
+            pretrained=False,
+            img_size=56,
+            depth=2,
+            embed_dim=32,
+            num_heads=2,
+            num_classes=0,
         )
 
 

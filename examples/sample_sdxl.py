@@ -27,11 +27,15 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description="Few-step sampling of an ADD student with addkit.sampling.sample")
     p.add_argument("model", help="exported pipeline folder, or a UNet folder together with --base")
     p.add_argument("prompt")
-    p.add_argument("--base", default=None, help="base pipeline (hub id or folder) when MODEL is a UNet folder")
+    p.add_argument(
+        "--base", default=None, help="base pipeline (hub id or folder) when MODEL is a UNet folder"
+    )
     p.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4))
     p.add_argument("--timesteps", type=int, nargs="+", default=[999, 749, 499, 249])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--resolution", type=int, default=None, help="default: the UNet's sample size x VAE factor")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="default: the UNet's sample size x VAE factor"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="sample.png")
     args = p.parse_args(argv)
@@ -49,18 +53,29 @@ def main(argv: list[str] | None = None) -> Path:
     cond: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if hasattr(pipe, "text_encoder_2"):  # SDXL: both encoders, pooled text, size conditioning
-            embeds, _, pooled, _ = pipe.encode_prompt(args.prompt, device=args.device, num_images_per_prompt=n,
-                                                      do_classifier_free_guidance=False)
-            cond = {"encoder_hidden_states": embeds, "text_embeds": pooled,
-                    "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * n, device=args.device).float()}
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                args.prompt, device=args.device, num_images_per_prompt=n, do_classifier_free_guidance=False
+            )
+            cond = {
+                "encoder_hidden_states": embeds,
+                "text_embeds": pooled,
+                "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * n, device=args.device).float(),
+            }
         else:
             embeds, _ = pipe.encode_prompt(args.prompt, args.device, n, False)
             cond = {"encoder_hidden_states": embeds}
         shape = (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in args.seeds])
-        x0 = sample(student, noise.to(args.device, pipe.unet.dtype), schedule=schedule,
-                    timesteps=args.timesteps[: args.steps], generator=torch.Generator(args.device).manual_seed(0),
-                    **cond)
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in args.seeds]
+        )
+        x0 = sample(
+            student,
+            noise.to(args.device, pipe.unet.dtype),
+            schedule=schedule,
+            timesteps=args.timesteps[: args.steps],
+            generator=torch.Generator(args.device).manual_seed(0),
+            **cond,
+        )
         images = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     row = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     out = Path(args.out)

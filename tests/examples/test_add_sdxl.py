@@ -23,9 +23,9 @@ pytest.importorskip("tensorboard")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import add_sdxl  # noqa: E402
-import add_sdxl_data  # noqa: E402
-import sample_sdxl  # noqa: E402
+import add_sdxl
+import add_sdxl_data
+import sample_sdxl
 
 FAST = ["--preset", "tiny", "--grid-seeds", "0", "--diversity-seeds", "2", "--checkpoint-every", "2"]
 
@@ -80,9 +80,21 @@ def test_tiny_run_writes_checkpoint_logs_grid_and_loadable_export(straight):
     assert (out / "checkpoints" / "step-0000004" / "model.safetensors").is_file()
 
     tags = _scalars(out / "logs")
-    for tag in ("g/adv", "g/distill", "g/total", "d/r1", "d/logits_real", "d/logits_fake", "d/total",
-                "lr/student", "lr/discriminator", "images_per_second", "nonfinite/total",
-                "diversity/feature_distance_1step", "diversity/feature_distance_4step"):
+    for tag in (
+        "g/adv",
+        "g/distill",
+        "g/total",
+        "d/r1",
+        "d/logits_real",
+        "d/logits_fake",
+        "d/total",
+        "lr/student",
+        "lr/discriminator",
+        "images_per_second",
+        "nonfinite/total",
+        "diversity/feature_distance_1step",
+        "diversity/feature_distance_4step",
+    ):
         assert tag in tags, f"{tag} missing from TensorBoard scalars {sorted(tags)}"
     assert len(tags["g/total"]) == 4
 
@@ -91,8 +103,9 @@ def test_tiny_run_writes_checkpoint_logs_grid_and_loadable_export(straight):
 
     pipe = StableDiffusionXLPipeline.from_pretrained(out / "export")
     assert_same_weights(pipe.unet, summary["student"])
-    image = pipe("a red circle", num_inference_steps=1, guidance_scale=0.0, height=32, width=32,
-                 output_type="np").images
+    image = pipe(
+        "a red circle", num_inference_steps=1, guidance_scale=0.0, height=32, width=32, output_type="np"
+    ).images
     assert image.shape == (1, 32, 32, 3)
 
 
@@ -101,8 +114,19 @@ def test_exported_student_samples_with_addkit_sampler(straight, tmp_path):
     from PIL import Image
 
     out, _ = straight
-    path = sample_sdxl.main([str(out / "export"), "a red circle", "--steps", "4", "--seeds", "0", "1",
-                             "--out", str(tmp_path / "s.png")])
+    path = sample_sdxl.main(
+        [
+            str(out / "export"),
+            "a red circle",
+            "--steps",
+            "4",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     assert Image.open(path).size == (2 * 32, 32)
 
 
@@ -152,9 +176,22 @@ def test_crash_during_checkpoint_write_resumes_from_previous(half, tmp_path, mon
 def test_nonfinite_loss_is_skipped_counted_and_stops_after_k_in_a_row(tmp_path):
     from safetensors.torch import load_file
 
-    argv = ["--max-steps", "6", "--checkpoint-every", "1", "--sample-every", "0",
-            "--max-nonfinite-in-row", "2", "--debug-nonfinite-at", "2", "3"]
-    with pytest.raises(add_sdxl.NonFiniteLossError, match=r"2 steps in a row .*step 3.*step-0000002.* intact"):
+    argv = [
+        "--max-steps",
+        "6",
+        "--checkpoint-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--max-nonfinite-in-row",
+        "2",
+        "--debug-nonfinite-at",
+        "2",
+        "3",
+    ]
+    with pytest.raises(
+        add_sdxl.NonFiniteLossError, match=r"2 steps in a row .*step 3.*step-0000002.* intact"
+    ):
         run(tmp_path, *argv)
     ckpt = tmp_path / "checkpoints"
     assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
@@ -172,13 +209,37 @@ def test_two_processes_with_accelerate_launch(tmp_path):
         port = s.getsockname()[1]
     # accelerate 1.x: `--cpu --num_processes 2` starts ONE process (multi-CPU goes through mpirun);
     # `--multi_gpu` starts two through torchrun, and ACCELERATE_USE_CPU=1 makes them gloo CPU ranks.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(ROOT / "examples" / "add_sdxl.py"),
-           "--preset", "tiny", "--max-steps", "2", "--output-dir", str(tmp_path),
-           "--grid-seeds", "0", "--diversity-seeds", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(ROOT / "examples" / "add_sdxl.py"),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+        "--grid-seeds",
+        "0",
+        "--diversity-seeds",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [p.name for p in add_sdxl.checkpoints(tmp_path)] == ["step-0000002"]
     assert (tmp_path / "checkpoints" / "step-0000002" / "random_states_1.pkl").is_file()
@@ -226,7 +287,9 @@ def test_manifest_rows_and_errors(tmp_path):
     item = add_sdxl_data.ImageCaptionDataset(records, 16)[0]
     assert item["pixels"].shape == (3, 16, 16) and item["caption"] == "red"
     assert item["original_size"].tolist() == [30, 40]
-    with pytest.raises(add_sdxl_data.DataError, match=r"m\.csv:3: the image file .*missing\.png does not exist"):
+    with pytest.raises(
+        add_sdxl_data.DataError, match=r"m\.csv:3: the image file .*missing\.png does not exist"
+    ):
         add_sdxl_data.load_records(str(tmp_path / "m.csv"))
     (tmp_path / "n.jsonl").write_text('{"picture": "a.png", "text": "red"}\n')
     with pytest.raises(add_sdxl_data.DataError, match=r"n\.jsonl:1: no image column"):
