@@ -127,7 +127,11 @@ class ADDObjective:
         discriminator: ``D(images, c_text, c_image, per_head=True, generator=...)`` returning
             logits per head, e.g. a
             [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator]
-            (may be wrapped by DDP). ``None`` only with ``adversarial_weight=0``.
+            ``None`` only with ``adversarial_weight=0``. Under DDP, either wrap it and keep
+            its parameters' ``requires_grad`` fixed (DDP's reducer breaks when they are
+            toggled off for the generator step), or leave it unwrapped and average its
+            gradients yourself (what ``examples/add_sdxl.py`` does). R1 on features calls
+            ``extract`` on the wrapped module and the heads through ``forward(features=...)``.
         schedule: the schedule of the student inputs and the teacher.
         lambda_distill: weight $\lambda$ of the distillation loss (ADD: 2.5); 0 turns it off.
         adversarial_weight: weight of the generator's adversarial loss; 0 turns it off.
@@ -136,6 +140,9 @@ class ADDObjective:
         sds_weight: $w(\alpha_t, \sigma_t)$ for SDS/NFSD weighting.
         distance: distillation distance (``"l2"``: mean squared error per sample).
         space: ``"latent"`` or ``"pixel"`` (decode both estimates; needs ``decode``).
+        discriminator_sees: ``"decoded"`` (``decode(x0)`` when ``decode`` is given: ADD) or
+            ``"latents"`` (``x0`` itself, e.g. a teacher-feature discriminator next to
+            pixel-space distillation).
         decode: latents ``->`` images in ``[-1, 1]``, differentiable (a VAE decoder). Used
             for the discriminator's input and for ``space="pixel"``.
         guidance_scale: teacher classifier-free guidance in the distillation loss (needs
@@ -182,6 +189,7 @@ class ADDObjective:
         distance: Distance = "l2",
         space: Literal["latent", "pixel"] = "latent",
         decode: Callable[[Tensor], Tensor] | None = None,
+        discriminator_sees: Literal["decoded", "latents"] = "decoded",
         guidance_scale: float = 1.0,
         nfsd_threshold: float | None = None,
         distill_t_range: tuple[float, float] | None = None,
@@ -201,6 +209,7 @@ class ADDObjective:
         check_choice(fn, "adversarial_loss", adversarial_loss, tuple(_LOSSES))
         check_choice(fn, "r1_placement", r1_placement, tuple(_R1_DEFAULT_GAMMA))
         check_choice(fn, "terminal", terminal, ("replace", "schedule"))
+        check_choice(fn, "discriminator_sees", discriminator_sees, ("decoded", "latents"))
         if isinstance(weighting, str):
             check_choice(fn, "weighting", weighting, ("exponential", "sds", "nfsd"))
         if space == "pixel" and decode is None:
@@ -220,6 +229,7 @@ class ADDObjective:
         self.distance = distance
         self.space = space
         self.decode = decode
+        self.discriminator_sees = discriminator_sees
         self.guidance_scale = guidance_scale
         self.nfsd_threshold = nfsd_threshold
         self.distill_t_range = distill_t_range
@@ -288,10 +298,16 @@ class ADDObjective:
     def discriminator_input(self, x0: Tensor) -> Tensor:
         """What the discriminator sees for a clean estimate: ``decode(x0)``, or ``x0``.
 
+        ``decode(x0)`` when ``decode`` is given and ``discriminator_sees="decoded"``.
+
         Gradients flow when ``x0`` requires grad; wrap the call in ``torch.no_grad()`` for
         the discriminator step's fake images.
         """
-        return self.decode(x0) if self.decode is not None else x0
+        return self.decode(x0) if self._d_decodes else x0
+
+    @property
+    def _d_decodes(self) -> bool:
+        return self.decode is not None and self.discriminator_sees == "decoded"
 
     def _image_cond(self, fn: str, c_image: Tensor | None, student_t: Tensor | None) -> Tensor | None:
         if c_image is None or student_t is None or not self.zero_image_cond_at_terminal:
@@ -325,6 +341,7 @@ class ADDObjective:
         c_image: Tensor | None = None,
         student_t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's loss $\\lambda_\\text{adv} L^G_\\text{adv} + \\lambda L_\\text{distill}$.
 
@@ -338,6 +355,9 @@ class ADDObjective:
             c_image: the discriminator's image embedding ``[B, D_i]`` (of the real image).
             student_t: the student timesteps ``[B]`` (zeroes ``c_image`` at pure noise).
             generator: randomness for the teacher timesteps, re-noising and augmentation.
+            feature_kwargs: extra arguments for the discriminator's feature network (e.g.
+                ``encoder_hidden_states`` for
+                [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures]).
 
         Returns:
             ``(loss, logs)`` with logs ``g/adv``, ``g/logits_fake``, ``g/distill``,
@@ -352,8 +372,10 @@ class ADDObjective:
         total = student_x0.new_zeros((), dtype=torch.float32)
         decoded = None
         if self.adversarial_weight > 0:
-            decoded = self.discriminator_input(student_x0)
-            logits = self._logits(decoded, c_text, self._image_cond(fn, c_image, student_t), generator)
+            d_input = self.discriminator_input(student_x0)
+            decoded = d_input if self._d_decodes else None
+            c_img = self._image_cond(fn, c_image, student_t)
+            logits = self._logits(d_input, c_text, c_img, generator, **(feature_kwargs or {}))
             adv = self.g_loss_fn(logits)
             total = total + self.adversarial_weight * adv
             logs["g/adv"] = adv.detach()
@@ -395,6 +417,7 @@ class ADDObjective:
         student_t: Tensor | None = None,
         step: int = 0,
         generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The discriminator's loss: adversarial on real vs detached fake, plus $\\gamma R_1$.
 
@@ -408,6 +431,7 @@ class ADDObjective:
             student_t: the student timesteps ``[B]`` of the fakes.
             step: the training step, for lazy R1 (``r1_interval``).
             generator: randomness for augmentation and the approximate R1 noise.
+            feature_kwargs: extra arguments for the discriminator's feature network.
 
         Returns:
             ``(loss, logs)`` with logs ``d/adv``, ``d/logits_real``, ``d/logits_fake``,
@@ -423,8 +447,9 @@ class ADDObjective:
         check_same_shape(fn, "real", real, "fake", fake)
         c_image = self._image_cond(fn, c_image, student_t)
         regularise = self.r1_gamma > 0 and self.lazy_r1.due(step)
-        real_logits, r1 = self._real_logits(real.detach(), c_text, c_image, generator, regularise)
-        fake_logits = self._logits(fake.detach(), c_text, c_image, generator)
+        fk = dict(feature_kwargs or {})
+        real_logits, r1 = self._real_logits(real.detach(), c_text, c_image, generator, regularise, fk)
+        fake_logits = self._logits(fake.detach(), c_text, c_image, generator, **fk)
         adv = self.d_loss_fn(real_logits, fake_logits)
         total = adv
         logs = {
@@ -442,14 +467,14 @@ class ADDObjective:
 
     def _real_logits(
         self, real: Tensor, c_text: Tensor | None, c_image: Tensor | None,
-        generator: torch.Generator | None, regularise: bool,
+        generator: torch.Generator | None, regularise: bool, fk: dict[str, Any],
     ) -> tuple[HeadLogits, Tensor | None]:
         if not regularise:
-            return self._logits(real, c_text, c_image, generator), None
+            return self._logits(real, c_text, c_image, generator, **fk), None
         if self.r1_placement == "images":
             x = real.requires_grad_(True)
             with r1_context():
-                logits = self._logits(x, c_text, c_image, generator)
+                logits = self._logits(x, c_text, c_image, generator, **fk)
                 return logits, r1_penalty(logits, x)
         if self.r1_placement == "features":
             extract = getattr(_unwrap(self.discriminator), "extract", None)
@@ -459,14 +484,14 @@ class ADDObjective:
                     "extract(images) and forward(features=...) (ProjectedDiscriminator); use "
                     "r1_placement='images' or 'approximate' for other discriminators"
                 )
-            feats = [f.detach().requires_grad_(True) for f in extract(real, generator=generator)]
+            feats = [f.detach().requires_grad_(True) for f in extract(real, generator=generator, **fk)]
             logits = self._logits(None, c_text, c_image, None, features=feats)
             return logits, r1_penalty(logits, feats)
-        return self._approximate(real, c_text, c_image, generator)
+        return self._approximate(real, c_text, c_image, generator, fk)
 
     def _approximate(
         self, real: Tensor, c_text: Tensor | None, c_image: Tensor | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None, fk: dict[str, Any],
     ) -> tuple[HeadLogits, Tensor]:
         # Both discriminator calls must see the same augmentation, so each gets a generator
         # seeded alike; the perturbation noise comes from the caller's generator.
@@ -476,9 +501,9 @@ class ADDObjective:
         def same_rng() -> torch.Generator:
             return torch.Generator(device=real.device).manual_seed(seed)
 
-        logits = self._logits(real, c_text, c_image, same_rng())
+        logits = self._logits(real, c_text, c_image, same_rng(), **fk)
         r1 = approximate_r1(
-            lambda x: self._logits(x, c_text, c_image, same_rng()),
+            lambda x: self._logits(x, c_text, c_image, same_rng(), **fk),
             real, sigma=self.r1_sigma, generator=generator, real_logits=logits,
         )
         return logits, r1

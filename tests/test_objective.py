@@ -263,3 +263,38 @@ def test_bad_arguments_raise_clear_errors() -> None:
                                c_text=torch.randn(2, 4), c_image=torch.randn(2, 3))
     with pytest.raises(TypeError, match="floating"):
         obj.sample_student_inputs(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_feature_kwargs_reach_the_feature_network() -> None:
+    seen: list[dict] = []
+
+    class Spy(nn.Module):
+        channels = [2]
+
+        def forward(self, images: Tensor, **kw: Tensor) -> list[Tensor]:
+            seen.append(kw)
+            return [images.flatten(2)[:, :2]]
+
+    D = ProjectedDiscriminator(Spy(), virtual_batch_size=2).eval()
+    obj = ADDObjective(wrap(Net(), VP, "eps"), D, VP, lambda_distill=0.0)
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    kw = {"encoder_hidden_states": torch.ones(2, 3)}
+    obj.generator_loss(x, feature_kwargs=kw)
+    obj.discriminator_loss(x.detach(), x.detach(), feature_kwargs=kw)
+    assert len(seen) == 3 and all(s.keys() == {"encoder_hidden_states"} for s in seen)
+
+
+def test_discriminator_can_see_latents_while_distillation_decodes(parts) -> None:
+    teacher_net, _, _ = parts
+    seen: list[tuple[int, ...]] = []
+
+    def D(x, *a, per_head=False, generator=None):
+        seen.append(tuple(x.shape))
+        return [x.flatten(1)[:, :4]]
+
+    obj = ADDObjective(wrap(teacher_net, VP, "eps"), D, VP, space="pixel", decode=_decode,
+                       discriminator_sees="latents")
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    _, logs = obj.generator_loss(x, teacher_cond={"text": torch.randn(2, 4)})
+    assert seen == [(2, 2, 8, 8)] and "g/distill" in logs
+    assert obj.discriminator_input(x).shape == x.shape
