@@ -65,6 +65,8 @@ def ablation_runs(cfg: StudyConfig) -> list[tuple[str, RunConfig, tuple[int, ...
              cfg.ablation_seeds),
             ("without R1 (γ = 0)", replace(base, name="no_r1", r1_gamma=0.0), cfg.ablation_seeds),
             ("D unconditional", replace(base, name="d_uncond", d_conditioning=False), cfg.ablation_seeds),
+            ("with DiffAugment (translation, cutout)",
+             replace(base, name="diffaug", augment="translation,cutout"), cfg.ablation_seeds),
         ]  # fmt: skip
     return rows
 
