@@ -2,7 +2,7 @@
 
 Both start from pure noise at $t = 999$ (trailing spacing) and ask the denoiser only for
 $\\hat x_0$ (addkit's one currency). DDIM re-noises deterministically with the predicted
-noise; the student re-noises with fresh noise (ADD §3, SPEC §6).
+noise; the student re-noises with fresh noise (ADD §3, SPEC §6) through addkit's sampler.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from addkit import WrappedDenoiser
+from addkit.sampling import sample
 
 from .data import NULL_LABEL, SIZE
 
@@ -64,16 +65,16 @@ def student_sample(
     timesteps: tuple[int, ...],
     generator: torch.Generator,
 ) -> Tensor:
-    """ADD sampling: $\\hat x_0$ at each student timestep, fresh noise in between.
+    """ADD sampling with [`addkit.sampling.sample`][addkit.sampling.sampler.sample]: $\\hat x_0$
+    at each student timestep, fresh noise in between (drawn here, one batch per step).
 
     Returns:
         Samples ``[B, 3, 8, 8]`` clamped to ``[-1, 1]``.
     """
-    schedule = denoiser.schedule
-    x = _noise(labels.shape[0], generator)
-    for i, t in enumerate(timesteps):
-        x0 = denoiser.x0(x, t, class_labels=labels)
-        if i + 1 == len(timesteps):
-            return x0.clamp(-1, 1)
-        x = schedule.add_noise(x0, _noise(labels.shape[0], generator), timesteps[i + 1])
-    raise AssertionError("unreachable")
+    noise = _noise(labels.shape[0], generator)
+    noises = [_noise(labels.shape[0], generator) for _ in timesteps[1:]]
+    x0 = sample(
+        denoiser, noise, schedule=denoiser.schedule, timesteps=timesteps, renoise="fresh",
+        noises=noises or None, class_labels=labels,
+    )  # fmt: skip
+    return x0.clamp(-1, 1)
