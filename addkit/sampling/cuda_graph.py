@@ -15,7 +15,10 @@ Constraints of a captured loop (checked where possible):
 - parameters are read by address: updating weights in place (an optimizer step,
   ``load_state_dict``, ``p.copy_(...)``) needs no re-capture; replacing parameter tensors or
   moving the denoiser (``.to(...)``, ``.half()``) does: call ``reset()``;
-- no gradients (the loop runs under ``torch.no_grad()``) and no per-step ``callback``.
+- no gradients (the loop runs under ``torch.no_grad()``) and no per-step ``callback``;
+- calls under ``torch.inference_mode()`` work and mix with plain calls: the sampler's own
+  buffers are always ordinary tensors (an inference tensor captured as a static buffer could
+  not be written to by a later call outside inference mode).
 """
 
 from __future__ import annotations
@@ -190,7 +193,8 @@ class CUDAGraphSampler:
         noises = _check_noises(fn, noises, noise, len(self.timesteps) - 1)
         leaves = flatten(cond)
         key = (tuple(noise.shape), noise.dtype, noise.device, cond_key(fn, leaves))
-        with torch.no_grad():
+        # Ordinary (not inference) tensors for the static buffers, whatever mode the caller is in.
+        with torch.inference_mode(False), torch.no_grad():
             return self._run(key, noise, noises, generator, cond, leaves)
 
     # -- paths ----------------------------------------------------------------------------

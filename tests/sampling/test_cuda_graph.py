@@ -140,6 +140,40 @@ def test_replay_equals_eager(dtype: torch.dtype, rtol: float, renoise: str) -> N
     assert sampler.captures == 1
 
 
+def test_inference_mode_calls_mix_with_plain_calls_on_cpu() -> None:
+    denoiser = wrap(Net(), VP, "eps")
+    noise, text = _inputs()
+    noises = torch.randn(3, *noise.shape)
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    with torch.no_grad():
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerFallbackWarning)
+        with torch.inference_mode():
+            inside = sampler(noise.clone(), noises=noises.clone(), text=text.clone())
+        outside = sampler(noise, noises=noises, text=text)
+    torch.testing.assert_close(inside, want)
+    torch.testing.assert_close(outside, want)
+    assert not inside.is_inference()
+
+
+@pytest.mark.cuda
+def test_capture_under_inference_mode_then_replay_outside_and_inside() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    with torch.no_grad():
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+    with torch.inference_mode():  # the capturing call: its buffers must stay writable outside
+        first = sampler(noise.clone(), noises=noises.clone(), text=text.clone())
+    second = sampler(noise, noises=noises, text=text)
+    with torch.inference_mode():
+        third = sampler(noise.clone(), noises=noises.clone(), text=text.clone())
+    assert sampler.captures == 1
+    for got in (first, second, third):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 def test_new_noise_new_samples_and_generator_stream() -> None:
     sampler, denoiser = _cuda_sampler()
