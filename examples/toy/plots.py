@@ -9,7 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+PALETTE = [  # ten distinct colours (matplotlib's tab10): every run of the study gets its own
+    (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+    (23, 190, 207), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34),
+]
 
 
 def to_pil_grid(images: Tensor, nrow: int, *, scale: int = 4, pad: int = 1) -> Image.Image:

@@ -36,8 +36,8 @@ class StudyConfig:
     teacher_steps: int = 1500
     classifier_steps: int = 300
     distill_steps: int = 300
-    main_seeds: tuple[int, ...] = (0, 1)
-    ablation_seeds: tuple[int, ...] = (0,)
+    main_seeds: tuple[int, ...] = (0, 1, 2)
+    ablation_seeds: tuple[int, ...] = (0, 1)
     ablations: bool = True
     per_class: int = 100
     n_real: int = 2000
@@ -75,15 +75,16 @@ def _eval_labels(per_class: int) -> torch.Tensor:
     return torch.arange(NUM_CLASSES).repeat(per_class)
 
 
-def _mean_spread(values: list[float]) -> dict[str, float]:
+def _mean_spread(values: list[float]) -> dict[str, float | list[float]]:
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
+        "values": list(values),  # per seed, in seed order
     }
 
 
-def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def _aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float | list[float]]]:
     return {k: _mean_spread([m[k] for m in per_seed]) for k in per_seed[0]}
 
 
@@ -163,6 +164,7 @@ def run_study(cfg: StudyConfig, out: Path, *, log=print) -> dict:
 
 
 def _write_curves(curves: dict, teacher_losses: list[float], out: Path) -> None:
+    (out / "curves.json").write_text(json.dumps({"teacher": teacher_losses, "runs": curves}))
     add = curves.get("add", {})
     loss_curves(
         {
@@ -192,7 +194,7 @@ def _write_curves(curves: dict, teacher_losses: list[float], out: Path) -> None:
         )
 
 
-def _fmt(m: dict[str, float], digits: int) -> str:
+def _fmt(m: dict, digits: int) -> str:
     if m["n"] > 1:
         return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}"
     return f"{m['mean']:.{digits}f}"
