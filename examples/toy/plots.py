@@ -57,7 +57,12 @@ def _smooth(values: Sequence[float], k: int) -> list[float]:
 
 
 def loss_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path, *, smooth: int = 10) -> None:
-    """One small line chart per panel (title -> {series name -> values per step}), in a row."""
+    """One small line chart per panel (title -> {series name -> values per step}), in a row.
+
+    A series name keeps one colour across panels (by first appearance), so a run missing from
+    one panel does not shift the others' colours.
+    """
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
     pw, ph, m = 300, 200, 36
     out = Image.new("RGB", (pw * len(panels), ph), "white")
     draw = ImageDraw.Draw(out)
@@ -79,7 +84,7 @@ def loss_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path,
             yz = y1 - (0 - lo) / (hi - lo) * (y1 - y0)
             draw.line((x0, yz, x1, yz), fill=(200, 200, 200))
         for j, (name, v) in enumerate(curves.items()):
-            colour = PALETTE[j % len(PALETTE)]
+            colour = PALETTE[names.index(name) % len(PALETTE)]
             pts = [
                 (x0 + i / max(n - 1, 1) * (x1 - x0), y1 - (u - lo) / (hi - lo) * (y1 - y0))
                 for i, u in enumerate(v)
