@@ -228,7 +228,7 @@ class TappedFeatures(FrozenFeatures):
     ([`to_tokens`][addkit.discriminators.features.to_tokens]).
 
     Args:
-        module: any ``nn.Module`` taking ``[B, 3, H, W]`` images.
+        module: any ``nn.Module`` taking ``[B, in_channels, H, W]`` images.
         taps: dotted submodule names, e.g. ``["layer1", "layer3.1"]``; outputs come in this order.
         channels: ``C_i`` per tap; if ``None`` they are read from one forward on a zero image.
         resolution: square input side, or ``None`` to pass images at their own size.
@@ -238,9 +238,12 @@ class TappedFeatures(FrozenFeatures):
         select: maps a tapped submodule's raw output to a tensor
             ([`default_select`][addkit.discriminators.features.default_select]).
         stop_early: cut the forward short once every tap has fired.
+        in_channels: channels the module takes: 3 for RGB networks, 4 for a network on SD
+            latents, 1 for grayscale. ``mean``/``std`` need one value per channel.
 
     Raises:
-        ValueError: if a tap is not a submodule of ``module`` or ``mean``/``std`` come alone.
+        ValueError: if a tap is not a submodule of ``module``, ``mean``/``std`` come alone or
+            do not have ``in_channels`` values, or ``in_channels`` is not positive.
 
     Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3))
@@ -262,6 +265,7 @@ class TappedFeatures(FrozenFeatures):
         std: Sequence[float] | None = None,
         select: Callable[[Any], Tensor] = default_select,
         stop_early: bool = True,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         fn = "TappedFeatures"
@@ -269,6 +273,14 @@ class TappedFeatures(FrozenFeatures):
             raise TypeError(f"{fn}: module must be an nn.Module, got {type(module).__name__}")
         if (mean is None) != (std is None):
             raise ValueError(f"{fn}: pass both mean and std, or neither; got mean={mean}, std={std}")
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"{fn}: in_channels must be a positive int, got {in_channels!r}")
+        for name, stat in (("mean", mean), ("std", std)):
+            if stat is not None and len(stat) != in_channels:
+                raise ValueError(
+                    f"{fn}: {name} must have one value per input channel ({in_channels}), got {list(stat)}"
+                )
+        self.in_channels = in_channels
         self.module = module
         self.taps = list(taps)
         if not self.taps:
@@ -283,7 +295,7 @@ class TappedFeatures(FrozenFeatures):
         if channels is None:
             side = resolution or 224
             param = next(module.parameters(), torch.zeros(()))
-            probe = param.new_zeros(1, 3, side, side)
+            probe = param.new_zeros(1, in_channels, side, side)
             with torch.no_grad():
                 channels = [f.shape[1] for f in self(probe)]
         self._channels = [int(c) for c in channels]
@@ -294,9 +306,10 @@ class TappedFeatures(FrozenFeatures):
         return list(self._channels)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Token features ``[B, C_i, N_i]`` of ``images`` ``[B, 3, H, W]`` in ``[-1, 1]``."""
+        """Token features ``[B, C_i, N_i]`` of ``images`` ``[B, in_channels, H, W]`` in ``[-1, 1]``."""
         fn = "TappedFeatures"
-        x = preprocess_images(check_images(fn, images), self.resolution, self.mean, self.std)
+        images = check_images(fn, images, channels=self.in_channels)
+        x = preprocess_images(images, self.resolution, self.mean, self.std)
         with recording(self.module, self.taps, select=self.select, stop_early=self.stop_early, fn=fn) as out:
             self.module(x)
         return [to_tokens(out[name], fn=fn, name=f"tap {name!r}") for name in self.taps]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from addkit.discriminators import FeatureNetwork, TappedFeatures
+from addkit.discriminators import FeatureNetwork, ProjectedDiscriminator, TappedFeatures
 from addkit.discriminators.features import preprocess_images, to_tokens
 
 
@@ -126,3 +126,23 @@ def test_channels_probe_follows_module_dtype() -> None:
     feats = TappedFeatures(_Net().to(torch.float64), ["stage"], resolution=16)
     assert feats.channels == [16]
     assert feats(torch.zeros(1, 3, 16, 16, dtype=torch.float64))[0].dtype == torch.float64
+
+
+def test_in_channels_latent_network_plugs_into_the_discriminator() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2))
+    mean, std = [0.5, 0.4, 0.6, 0.5], [0.25, 0.5, 0.2, 0.3]
+    feats = TappedFeatures(net, ["1", "2"], resolution=None, mean=mean, std=std, in_channels=4)
+    assert feats.channels == [8, 8]  # read from a 4-channel probe
+    x = torch.rand(2, 4, 16, 16) * 2 - 1
+    normalised = ((x + 1) / 2 - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1)
+    torch.testing.assert_close(feats(x)[0], net[1](net[0](normalised)).flatten(2))
+    logits = ProjectedDiscriminator(feats, c_text_dim=None)(x)
+    assert logits.shape[0] == 2 and torch.isfinite(logits).all()
+    wrong = r"TappedFeatures: images must have 4 channels .* got shape \(2, 3, 16, 16\)"
+    with pytest.raises(ValueError, match=wrong):
+        feats(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"TappedFeatures: mean must have one value per input channel \(4\)"):
+        TappedFeatures(net, ["1"], mean=[0.5] * 3, std=[0.5] * 3, in_channels=4)
+    with pytest.raises(ValueError, match=r"TappedFeatures: in_channels must be a positive int, got 0"):
+        TappedFeatures(net, ["1"], in_channels=0)
