@@ -14,14 +14,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_batch_vector",
     "check_choice",
     "check_finite",
     "check_floating",
     "check_ndim",
     "check_positive",
+    "check_positive_int",
     "check_same_shape",
     "check_tensor",
-    "check_batch_vector",
 ]
 
 
@@ -100,6 +101,13 @@ def check_positive(fn: str, name: str, value: float, *, allow_zero: bool = False
     if not (ok and value == value and value != float("inf")):
         want = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{fn}: {name} must be a finite {want} number, got {value!r}")
+    return value
+
+
+def check_positive_int(fn: str, name: str, value: Any) -> int:
+    """Raise ``ValueError`` unless ``value`` is an ``int`` (not a ``bool``) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
     return value
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_ndim
+from addkit._checks import check_floating, check_ndim, check_positive_int
 from addkit.typing import FeatureNetwork
 
 __all__ = [
@@ -273,8 +273,7 @@ class TappedFeatures(FrozenFeatures):
             raise TypeError(f"{fn}: module must be an nn.Module, got {type(module).__name__}")
         if (mean is None) != (std is None):
             raise ValueError(f"{fn}: pass both mean and std, or neither; got mean={mean}, std={std}")
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"{fn}: in_channels must be a positive int, got {in_channels!r}")
+        check_positive_int(fn, "in_channels", in_channels)
         for name, stat in (("mean", mean), ("std", std)):
             if stat is not None and len(stat) != in_channels:
                 raise ValueError(

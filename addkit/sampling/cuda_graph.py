@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice
+from addkit._checks import check_choice, check_positive_int
 from addkit.sampling._plan import Plan, make_plan
 from addkit.sampling._static import CapturedLoop, Leaves, cond_key, flatten, static_copy, unflatten, warm_up
 from addkit.sampling.renoise import Renoise, renoise_coefficients
@@ -57,12 +57,6 @@ class EagerFallbackWarning(RuntimeWarning):
     That happens for inputs that are not on a CUDA device and for inputs whose capture failed.
     Filter it with ``warnings.simplefilter("ignore", EagerFallbackWarning)``.
     """
-
-
-def _check_count(fn: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
-    return value
 
 
 class CUDAGraphSampler:
@@ -127,8 +121,8 @@ class CUDAGraphSampler:
         fn = "CUDAGraphSampler"
         config = _check_config(fn, denoiser, schedule, timesteps, renoise, decode)
         self.denoiser, self.schedule, self.timesteps, self.renoise, self.decode = config
-        self.max_graphs = _check_count(fn, "max_graphs", max_graphs)
-        self.warmup = _check_count(fn, "warmup", warmup)
+        self.max_graphs = check_positive_int(fn, "max_graphs", max_graphs)
+        self.warmup = check_positive_int(fn, "warmup", warmup)
         self.compile = None if compile is None else check_choice(fn, "compile", compile, COMPILE_MODES)
         self.compile_options = dict(compile_options or {})
         self.captures = 0

@@ -9,10 +9,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+# fmt: off
 PALETTE = [  # ten distinct colours (matplotlib's tab10): every run of the study gets its own
     (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
     (23, 190, 207), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34),
 ]
+# fmt: on
 
 
 def to_pil_grid(images: Tensor, nrow: int, *, scale: int = 4, pad: int = 1) -> Image.Image:
@@ -62,7 +64,8 @@ def loss_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path,
     A series name keeps one colour across panels (by first appearance), so a run missing from
     one panel does not shift the others' colours.
     """
-    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    names = dict.fromkeys(name for series in panels.values() for name in series)
+    colour_of = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
     pw, ph, m = 300, 200, 36
     out = Image.new("RGB", (pw * len(panels), ph), "white")
     draw = ImageDraw.Draw(out)
@@ -84,7 +87,7 @@ def loss_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path,
             yz = y1 - (0 - lo) / (hi - lo) * (y1 - y0)
             draw.line((x0, yz, x1, yz), fill=(200, 200, 200))
         for j, (name, v) in enumerate(curves.items()):
-            colour = PALETTE[names.index(name) % len(PALETTE)]
+            colour = colour_of[name]
             pts = [
                 (x0 + i / max(n - 1, 1) * (x1 - x0), y1 - (u - lo) / (hi - lo) * (y1 - y0))
                 for i, u in enumerate(v)

@@ -164,7 +164,6 @@ def run_study(cfg: StudyConfig, out: Path, *, log=print) -> dict:
 
 
 def _write_curves(curves: dict, teacher_losses: list[float], out: Path) -> None:
-    (out / "curves.json").write_text(json.dumps({"teacher": teacher_losses, "runs": curves}))
     add = curves.get("add", {})
     loss_curves(
         {

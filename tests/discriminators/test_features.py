@@ -144,5 +144,5 @@ def test_in_channels_latent_network_plugs_into_the_discriminator() -> None:
         feats(torch.zeros(2, 3, 16, 16))
     with pytest.raises(ValueError, match=r"TappedFeatures: mean must have one value per input channel \(4\)"):
         TappedFeatures(net, ["1"], mean=[0.5] * 3, std=[0.5] * 3, in_channels=4)
-    with pytest.raises(ValueError, match=r"TappedFeatures: in_channels must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"TappedFeatures: in_channels must be a positive integer, got 0"):
         TappedFeatures(net, ["1"], in_channels=0)
