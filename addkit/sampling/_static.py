@@ -3,11 +3,15 @@
 A captured graph reads its inputs from fixed addresses. Conditioning (``encoder_hidden_states``,
 SDXL's ``added_cond_kwargs`` dict, ...) is therefore flattened to ``(path, leaf)`` pairs:
 tensor leaves get a static buffer each; other leaves (numbers, strings, ``None``) are baked
-into the graph and so become part of its cache key.
+into the graph and so become part of its cache key, as does the autocast state: a graph
+captured under autocast casts the weights inside itself (autocast's weight cache is off during
+warm-up and capture, so the graph reads the live parameters, not cached copies that die with
+the caller's autocast block).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +22,18 @@ from torch import Tensor
 from addkit.sampling._plan import Plan
 from addkit.sampling.sampler import Noises, _fill_noise
 
-__all__ = ["CapturedLoop", "Leaves", "cond_key", "flatten", "static_copy", "unflatten", "warm_up"]
+__all__ = [
+    "CapturedLoop",
+    "Leaves",
+    "autocast_dtype",
+    "cond_key",
+    "flatten",
+    "graph_key",
+    "static_copy",
+    "uncached_autocast",
+    "unflatten",
+    "warm_up",
+]
 
 Path = tuple[str, ...]
 Leaves = list[tuple[Path, Any]]
@@ -62,6 +77,32 @@ def cond_key(fn: str, leaves: Leaves) -> tuple[Hashable, ...]:
             )
         key.append((path, type(value), value))
     return tuple(key)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type`` now; ``None`` where autocast is off (or unknown)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def graph_key(fn: str, noise: Tensor, leaves: Leaves) -> tuple[Hashable, ...]:
+    """The cache key of a captured loop: noise signature, conditioning, autocast state on noise's device."""
+    signature = (tuple(noise.shape), noise.dtype, noise.device)
+    return (*signature, cond_key(fn, leaves), autocast_dtype(noise.device.type))
+
+
+def uncached_autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` without the weight cache (nothing when ``dtype`` is ``None``).
+
+    A graph captured with the cache on would read low-precision weight copies made during
+    warm-up: freed when the caller's autocast block ends, blind to in-place weight updates.
+    Without it the casts are kernels in the graph that read the parameters themselves
+    (``torch.cuda.make_graphed_callables`` demands ``cache_enabled=False`` for this reason).
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=True, cache_enabled=False)
 
 
 def static_copy(leaves: Leaves) -> Leaves:

@@ -18,7 +18,11 @@ Constraints of a captured loop (checked where possible):
 - no gradients (the loop runs under ``torch.no_grad()``) and no per-step ``callback``;
 - calls under ``torch.inference_mode()`` work and mix with plain calls: the sampler's own
   buffers are always ordinary tensors (an inference tensor captured as a static buffer could
-  not be written to by a later call outside inference mode).
+  not be written to by a later call outside inference mode);
+- under ``torch.autocast`` the loop is captured with autocast's weight cache off, so the graph
+  casts the live parameters itself (in-place updates are seen; nothing it reads dies with the
+  caller's autocast block), and the autocast dtype is part of the key (an fp32 call never
+  replays a bf16 graph).
 """
 
 from __future__ import annotations
@@ -33,7 +37,17 @@ from torch import Tensor
 
 from addkit._checks import check_choice, check_positive_int
 from addkit.sampling._plan import Plan, make_plan
-from addkit.sampling._static import CapturedLoop, Leaves, cond_key, flatten, static_copy, unflatten, warm_up
+from addkit.sampling._static import (
+    CapturedLoop,
+    Leaves,
+    autocast_dtype,
+    flatten,
+    graph_key,
+    static_copy,
+    uncached_autocast,
+    unflatten,
+    warm_up,
+)
 from addkit.sampling.renoise import Renoise, renoise_coefficients
 from addkit.sampling.sampler import (
     DEFAULT_TIMESTEPS,
@@ -186,7 +200,7 @@ class CUDAGraphSampler:
         _check_noise(fn, noise)
         noises = _check_noises(fn, noises, noise, len(self.timesteps) - 1)
         leaves = flatten(cond)
-        key = (tuple(noise.shape), noise.dtype, noise.device, cond_key(fn, leaves))
+        key = graph_key(fn, noise, leaves)  # shapes, dtypes, devices, constants, autocast state
         # Ordinary (not inference) tensors for the static buffers, whatever mode the caller is in.
         with torch.inference_mode(False), torch.no_grad():
             return self._run(key, noise, noises, generator, cond, leaves)
@@ -250,7 +264,8 @@ class CUDAGraphSampler:
         def body() -> Tensor:
             return self._body(static_noise, static_noises, plan, static_cond)
 
-        with torch.cuda.device(device):
+        # Under the caller's autocast dtype but without its weight cache: the graph casts the weights itself.
+        with torch.cuda.device(device), uncached_autocast(device.type, autocast_dtype(device.type)):
             warm_up(body, self.warmup, device)  # errors here are the denoiser's own: they propagate
             graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
             try:

@@ -1,6 +1,7 @@
 """CUDAGraphSampler: on the CPU it equals `sample` and warns once; on a GPU (tests marked `cuda`) graph
 replay equals the eager loop, new noise gives new samples, new shapes capture anew within a bounded
-cache, memory stays flat, weights updated in place are used without re-capture."""
+cache, memory stays flat, weights updated in place are used without re-capture, also under autocast,
+where the autocast state is part of the graph key."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from addkit.denoisers import wrap
 from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, sample
+from addkit.sampling._static import autocast_dtype, flatten, graph_key
 from addkit.schedules import VPSchedule
 
 VP = VPSchedule.scaled_linear()
@@ -116,6 +118,38 @@ def test_bad_arguments() -> None:
         sampler(noise, text=text, extra={"ids": [1, 2]})
     with pytest.raises(ValueError, match=r"CUDAGraphSampler: noises must have shape \(3, 2, 4, 8, 8\)"):
         sampler(noise, noises=torch.randn(2, 2, 4, 8, 8), text=text)
+
+
+def test_graph_key_holds_the_autocast_state() -> None:
+    noise, text = _inputs()
+    leaves = flatten({"text": text})
+    plain = graph_key("f", noise, leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = graph_key("f", noise, leaves)
+        assert autocast_dtype("cpu") == torch.bfloat16 and autocast_dtype("cuda") is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        fp16 = graph_key("f", noise, leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False):
+        off = graph_key("f", noise, leaves)
+    assert len({plain, bf16, fp16}) == 3 and off == plain == graph_key("f", noise, leaves)
+    assert autocast_dtype("cpu") is None and autocast_dtype("meta") is None  # no autocast on meta
+
+
+@torch.no_grad()
+def test_cpu_under_autocast_equals_sample_under_autocast() -> None:
+    denoiser = wrap(Net(), VP, "eps")
+    noise, text = _inputs()
+    noises = torch.randn(3, *noise.shape)
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerFallbackWarning)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sampler(noise, noises=noises, text=text)
+            want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+        plain = sampler(noise, noises=noises, text=text)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(plain, sample(denoiser, noise, schedule=VP, noises=noises, text=text))
+    assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5)  # the autocast call did run in bf16
 
 
 # -- on a GPU ---------------------------------------------------------------------------------
@@ -287,3 +321,68 @@ def test_compile_reduce_overhead_equals_eager() -> None:
         want = sample(denoiser, noise, schedule=VP, noises=noises, text=text)
     for _ in range(3):
         torch.testing.assert_close(sampler(noise, noises=noises, text=text), want, rtol=1e-4, atol=1e-4)
+
+
+def _bf16_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def _eager(denoiser: Any, noise: torch.Tensor, noises: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return sample(denoiser, noise, schedule=VP, noises=noises, text=text)
+
+
+# Net's parameters require grad (as a trained student's do): autocast caches casts of exactly those.
+@pytest.mark.cuda
+def test_autocast_capture_sees_in_place_weight_update_made_outside_autocast() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        before = sampler(noise, noises=noises, text=text)  # warm-up and capture
+        _bf16_close(before, _eager(denoiser, noise, noises, text))
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.mul_(-0.5)  # outside the autocast block, same storage
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = sampler(noise, noises=noises, text=text)
+        want = _eager(denoiser, noise, noises, text)
+    assert sampler.captures == 1 and not torch.allclose(got, before)
+    _bf16_close(got, want)
+
+
+@pytest.mark.cuda
+def test_autocast_and_plain_calls_capture_a_graph_each() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    for _ in range(2):  # captures, then replays of each
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mixed = sampler(noise, noises=noises, text=text)
+            _bf16_close(mixed, _eager(denoiser, noise, noises, text))
+        plain = sampler(noise, noises=noises, text=text)
+        torch.testing.assert_close(plain, _eager(denoiser, noise, noises, text), rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 2 and sampler.num_graphs == 2
+    assert not torch.allclose(mixed, plain, rtol=1e-5, atol=1e-5)  # bf16 matmuls in one graph only
+
+
+@pytest.mark.cuda
+def test_replay_after_the_capturing_autocast_block_ended() -> None:
+    sampler, denoiser = _cuda_sampler()
+    noise, text = _inputs(device="cuda")
+    noises = torch.randn(3, *noise.shape, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sampler(noise, noises=noises, text=text)
+    # The block has ended and autocast's cache with it. Fill freed memory with NaNs to expose stale reads:
+    # the allocator reuses a block on the stream that freed it, and warm-up ran on a pooled side stream.
+    junk: list[torch.Tensor] = []
+    for _ in range(64):  # more than the pool's streams
+        with torch.cuda.stream(torch.cuda.Stream()):
+            junk += [torch.full((n,), float("nan"), device="cuda") for n in (16, 64, 256, 1024)]
+    torch.cuda.synchronize()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = sampler(noise, noises=noises, text=text)
+        want = _eager(denoiser, noise, noises, text)
+    del junk
+    assert sampler.captures == 1 and torch.isfinite(got).all()
+    _bf16_close(got, want)
