@@ -14,9 +14,9 @@ with. A `::: X` directive renders X and, recursively, the members that pass
 
 Options come from mkdocs.yml's handler options, overridden by the directive's own
 ``options:`` block. A public symbol (a name in the ``__all__`` of ``addkit``, ``addkit.losses``,
-``addkit.discriminators``, ``addkit.sampling`` or ``addkit.objective``, when present) is
-documented when the object it resolves to is rendered by some directive. Dunder names such as
-``__version__`` are exempt: a string cannot carry a docstring.
+``addkit.discriminators``, ``addkit.sampling``, ``addkit.objective`` or ``addkit.testing``, when
+present) is documented when the object it resolves to is rendered by some directive. Dunder
+names such as ``__version__`` are exempt: a string cannot carry a docstring.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ griffe = pytest.importorskip("griffe")
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("addkit", "addkit.losses", "addkit.discriminators", "addkit.sampling", "addkit.objective")
+PACKAGES = (
+    "addkit",
+    "addkit.losses",
+    "addkit.discriminators",
+    "addkit.sampling",
+    "addkit.objective",
+    "addkit.testing",
+)
 DIRECTIVE = re.compile(r"^:::\s+([\w.]+)\s*$")
 
 
