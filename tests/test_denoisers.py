@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from addkit.denoisers import DiffusersTransformerAdapter, DiffusersUNetAdapter, apply_cfg, wrap
 from addkit.schedules import FlowSchedule, VPSchedule
+from addkit.testing import tiny_sd3_transformer, tiny_sd_unet, tiny_sdxl_unet
 
 VP = VPSchedule.scaled_linear()
 
 
-def _unet(sdxl: bool) -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    kw = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8,
-    )
-    if sdxl:
-        kw.update(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-    return UNet2DConditionModel(**kw).eval()
+def _unet(sdxl: bool) -> torch.nn.Module:
+    return tiny_sdxl_unet() if sdxl else tiny_sd_unet()  # cross-attention width 32; SDXL: pooled 16
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
@@ -73,11 +65,7 @@ def test_apply_cfg_scale_one_is_cond() -> None:
 
 
 def test_sd3_transformer_adapter_flow() -> None:
-    torch.manual_seed(0)
-    tr = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
-    ).eval()
+    tr = tiny_sd3_transformer()  # text width 16, pooled 8
     sched = FlowSchedule(shift=3.0)
     d = wrap(tr, sched, "flow")
     assert isinstance(d.model, DiffusersTransformerAdapter)

@@ -8,26 +8,16 @@ from torch import nn
 
 from addkit.discriminators import ProjectedDiscriminator, TeacherFeatures, sample_logit_normal
 from addkit.schedules import FlowSchedule, VPSchedule
+from addkit.testing import tiny_sd_unet
 
 TAPS = ["down_blocks.0", "down_blocks.1", "mid_block"]
 
 
 @pytest.fixture(scope="module")
 def unet() -> nn.Module:
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    """An SD-style UNet: block widths 32 and 64, cross-attention width 32, latents 4 x 16 x 16."""
+    pytest.importorskip("diffusers")
+    return tiny_sd_unet(sample_size=16)
 
 
 def _no_hooks(module: nn.Module) -> bool:
