@@ -201,9 +201,42 @@ class WrappedDenoiser(nn.Module):
         return self.predict(x_t, t, target="flow", **kwargs)
 
 
-def _model_dtype(module: nn.Module) -> torch.dtype | None:
-    param = next(module.parameters(), None)
-    return param.dtype if param is not None else None
+# Wrappers that forward ``*args, **kwargs`` to the model they hold, as (class name, top-level package) ->
+# attribute. Matched by name along the MRO, so neither torch.distributed nor peft is imported here.
+_WRAPPERS = {
+    ("DistributedDataParallel", "torch"): "module",
+    ("DataParallel", "torch"): "module",
+    ("FullyShardedDataParallel", "torch"): "module",  # FSDP1; FSDP2 subclasses the model itself
+    ("OptimizedModule", "torch"): "_orig_mod",  # torch.compile
+    ("PeftModel", "peft"): "base_model",
+    ("BaseTuner", "peft"): "model",  # peft's LoraModel and its siblings
+}
+
+
+def _inner(model: Any) -> Any | None:
+    """The model a known wrapper holds, or None if ``model`` is not one."""
+    for cls in type(model).__mro__:
+        attr = _WRAPPERS.get((cls.__name__, cls.__module__.partition(".")[0]))
+        if attr is not None:
+            return getattr(model, attr, None)
+    return None
+
+
+def _unwrap_chain(model: Any) -> list[Any]:
+    """``[model, inner, ..., innermost]`` through DDP, FSDP1, ``torch.compile`` and peft wrappers."""
+    chain = [model]
+    while (inner := _inner(chain[-1])) is not None and all(inner is not m for m in chain):
+        chain.append(inner)
+    return chain
+
+
+def _model_dtype(model: Any) -> torch.dtype | None:
+    """dtype of the first parameter of the innermost model that has one (wrappers included)."""
+    for module in reversed(_unwrap_chain(model)):
+        param = next(module.parameters(), None) if isinstance(module, nn.Module) else None
+        if param is not None:
+            return param.dtype
+    return None
 
 
 class DiffusersUNetAdapter(nn.Module):
@@ -211,10 +244,13 @@ class DiffusersUNetAdapter(nn.Module):
 
     SDXL's extra conditioning can be given flat (``text_embeds=``, ``time_ids=``) so that
     classifier-free guidance can batch it, or as ``added_cond_kwargs=``. Inputs are cast to
-    the UNet's dtype and the output back to ``x_t``'s.
+    the UNet's dtype and the output back to ``x_t``'s; ``t`` is passed as given (integer
+    steps for a VP schedule, as diffusers' pipelines pass them).
 
     Args:
-        unet: the diffusers UNet.
+        unet: the diffusers UNet, bare or wrapped (DDP, FSDP, ``torch.compile``, peft); a
+            wrapper is called as given, so that its gradient sync, compiled code or LoRA
+            layers run.
     """
 
     def __init__(self, unet: nn.Module) -> None:
@@ -247,12 +283,16 @@ class DiffusersUNetAdapter(nn.Module):
 class DiffusersTransformerAdapter(nn.Module):
     """Call an SD3-style diffusers transformer as ``f(x_t, t, **cond)``.
 
-    The transformer receives ``timestep`` in diffusers' convention: $1000\\,\\sigma_t$ for
-    a [`FlowSchedule`][addkit.schedules.FlowSchedule], the integer step for a VP schedule.
-    Conditioning keys: ``encoder_hidden_states`` and ``pooled_projections``.
+    The transformer receives ``timestep`` as ``StableDiffusion3Pipeline`` passes it:
+    $1000\\,\\sigma_t$ in float32 for a [`FlowSchedule`][addkit.schedules.FlowSchedule],
+    whatever the transformer's dtype (bf16 would round it to a multiple of 4 above 512), and
+    the integer step unchanged for a VP schedule. ``x_t`` and floating conditioning
+    (``encoder_hidden_states``, ``pooled_projections``) are cast to the transformer's dtype,
+    the output back to ``x_t``'s.
 
     Args:
-        transformer: e.g. ``SD3Transformer2DModel``.
+        transformer: e.g. ``SD3Transformer2DModel``, bare or wrapped (DDP, FSDP,
+            ``torch.compile``, peft); a wrapper is called as given.
         schedule: the schedule ``t`` refers to.
     """
 
@@ -267,29 +307,35 @@ class DiffusersTransformerAdapter(nn.Module):
         if getattr(self.schedule, "is_discrete", True):
             timestep = t
         else:
-            timestep = self.schedule.sigma(t) * self.schedule.num_train_timesteps
-        cond = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
-        out = self.transformer(
-            hidden_states=x_t.to(dtype), timestep=timestep.to(dtype), return_dict=False, **cond
-        )[0]
+            sigma = self.schedule.sigma(t)
+            timestep = (sigma * self.schedule.num_train_timesteps).to(torch.float32)
+        cond = {
+            k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v)
+            for k, v in cond.items()
+        }
+        out = self.transformer(hidden_states=x_t.to(dtype), timestep=timestep, return_dict=False, **cond)[0]
         return out.to(x_t.dtype)
 
 
 def _is_diffusers(model: Any, *names: str) -> bool:
-    """Whether ``model`` is one of diffusers' ``names`` (without importing diffusers)."""
+    """Whether the model inside ``model``'s wrappers is one of diffusers' ``names`` (no import)."""
     if "diffusers" not in sys.modules:
         return False
-    return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(model).__mro__)
+    inner = _unwrap_chain(model)[-1]
+    return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(inner).__mro__)
 
 
 def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> WrappedDenoiser:
     """Bind a network to its schedule and prediction type.
 
-    diffusers UNets and SD3-style transformers are adapted automatically; any other
-    callable ``model(x_t, t, **cond)`` is used as is.
+    diffusers UNets and SD3-style transformers are adapted automatically, also inside
+    ``DistributedDataParallel``, FSDP, ``torch.compile`` or a peft ``PeftModel`` (and
+    accelerate's ``prepare``, which returns these): the adapter is chosen from the innermost
+    model and calls the wrapper, so that gradient sync, compiled code and LoRA layers run.
+    Any other callable ``model(x_t, t, **cond)`` is used as is.
 
     Args:
-        model: the network.
+        model: the network, bare or wrapped.
         schedule: its noise schedule.
         prediction: ``"eps" | "v" | "x0" | "flow"`` (or diffusers' ``"epsilon"``,
             ``"v_prediction"``, ``"sample"``).
