@@ -4,6 +4,7 @@ Importing addkit loads only torch and einops; parts that need an optional librar
 it when used and name the extra to install.
 """
 
+from addkit.checks import value_checks
 from addkit.denoisers import WrappedDenoiser, apply_cfg, wrap
 from addkit.discriminators import (
     CLIPFeatures,
@@ -18,12 +19,12 @@ from addkit.losses import (
     LazyRegularizer,
     approximate_r1,
     distillation_loss,
-    sample_distillation_timesteps,
     hinge_d_loss,
     hinge_g_loss,
     non_saturating_d_loss,
     non_saturating_g_loss,
     r1_penalty,
+    sample_distillation_timesteps,
 )
 from addkit.objective import ADDObjective, StudentInputs
 from addkit.parameterization import convert, to_eps, to_flow, to_v, to_x0
@@ -64,5 +65,6 @@ __all__ = [
     "to_flow",
     "to_v",
     "to_x0",
+    "value_checks",
     "wrap",
 ]

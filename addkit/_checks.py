@@ -3,6 +3,10 @@
 Every check names the calling function, the argument, what was expected and what was
 received, so that a user can fix the call without reading addkit's source. Nothing here
 falls back silently and nothing uses ``assert``.
+
+Checks read metadata (shape, dtype, device) and Python values only, except those that run
+under `checking_values`: they read tensor values (a device
+synchronisation) and run only when [`addkit.value_checks`][addkit.checks.value_checks] is on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from addkit.checks import value_checks_enabled
 
 __all__ = [
     "check_batch_vector",
@@ -23,6 +29,8 @@ __all__ = [
     "check_positive_int",
     "check_same_shape",
     "check_tensor",
+    "check_value_range",
+    "checking_values",
 ]
 
 
@@ -68,13 +76,23 @@ def check_same_shape(fn: str, name_a: str, a: Tensor, name_b: str, b: Tensor) ->
         )
 
 
-def check_finite(fn: str, name: str, x: Tensor) -> Tensor:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity.
+def checking_values() -> bool:
+    """Whether checks that read tensor values run now.
 
-    This synchronises with the device; it is skipped while a CUDA graph is being captured
-    or while ``torch.compile`` traces, where a host read is not allowed.
+    True only when [`addkit.value_checks`][addkit.checks.value_checks] is on, and never while
+    a CUDA graph is being captured or ``torch.compile`` traces (a host read is not allowed there).
     """
-    if _in_capture_or_trace():
+    return value_checks_enabled() and not _in_capture_or_trace()
+
+
+def check_finite(fn: str, name: str, x: Tensor) -> Tensor:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity (only while value checks are on).
+
+    Reads the tensor's values (a device synchronisation), so it runs only when
+    `checking_values` is true; otherwise non-finite values
+    flow on into the loss, where a trainer can skip the step.
+    """
+    if not checking_values():
         return x
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
@@ -118,6 +136,16 @@ def check_batch_vector(fn: str, name: str, x: Tensor, batch: int) -> Tensor:
             f"{fn}: {name} must have shape ({batch},) (one value per sample), "
             f"got {_shape(x)}"
         )
+    return x
+
+
+def check_value_range(fn: str, name: str, x: Tensor, low: float, high: float) -> Tensor:
+    """Raise ``ValueError`` unless every value of ``x`` lies in ``[low, high]`` (only while value checks are on)."""
+    if not checking_values() or x.numel() == 0:
+        return x
+    lo, hi = x.min().item(), x.max().item()
+    if not (low <= lo and hi <= high):
+        raise ValueError(f"{fn}: {name} must lie in [{low:g}, {high:g}], got range [{lo:g}, {hi:g}]")
     return x
 
 

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from addkit._checks import check_floating
+from addkit._time import batch_time, check_schedule
+from addkit._unwrap import unwrap_chain
 from addkit.parameterization import convert, normalize_prediction
 from addkit.typing import Schedule
 
@@ -108,27 +110,17 @@ class WrappedDenoiser(nn.Module):
     def __init__(self, model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> None:
         super().__init__()
         self.model = model
-        self.schedule = schedule
+        self.schedule = check_schedule("WrappedDenoiser", schedule)
         self.prediction = normalize_prediction(prediction, fn="WrappedDenoiser")
 
-    def _batch_t(self, t: Any, x_t: Tensor) -> Tensor:
-        fn = f"{type(self).__name__}"
-        discrete = getattr(self.schedule, "is_discrete", True)
-        if not isinstance(t, Tensor):
-            t = torch.tensor(t, dtype=torch.long if discrete else torch.float32)
-        t = t.to(x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
-            raise ValueError(
-                f"{fn}: t must be a scalar or have shape ({x_t.shape[0]},), got {tuple(t.shape)}"
-            )
-        return t
+    def _batch_t(self, t: Any, x_t: Tensor, fn: str) -> Tensor:
+        return batch_time(fn, self.schedule, t, x_t)
 
     def forward(self, x_t: Tensor, t: Any, **cond: Any) -> Tensor:
         """The network's raw prediction for ``x_t`` at ``t`` (scalar or ``[B]``)."""
-        check_floating(type(self).__name__, "x_t", x_t)
-        return self.model(x_t, self._batch_t(t, x_t), **cond)
+        fn = type(self).__name__
+        check_floating(fn, "x_t", x_t)
+        return self.model(x_t, self._batch_t(t, x_t, fn), **cond)
 
     def predict(
         self,
@@ -162,7 +154,8 @@ class WrappedDenoiser(nn.Module):
                 conditioning.
         """
         fn = f"{type(self).__name__}.predict"
-        t = self._batch_t(t, x_t)
+        check_floating(fn, "x_t", x_t)
+        t = self._batch_t(t, x_t, fn)
         guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
         if not guided:
             raw = self.model(x_t, t, **cond)
@@ -181,7 +174,7 @@ class WrappedDenoiser(nn.Module):
             raise ValueError(
                 f"{fn}: the model returned shape {tuple(raw.shape)} for x_t of shape {tuple(x_t.shape)}"
             )
-        alpha, sigma = self.schedule.coefficients(t, x_t, fn=fn)  # type: ignore[attr-defined]
+        alpha, sigma = self.schedule.coefficients(t, x_t, fn=fn)
         return convert(raw.to(x_t.dtype), x_t, alpha, sigma, source=self.prediction, target=target)
 
     def x0(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
@@ -201,38 +194,9 @@ class WrappedDenoiser(nn.Module):
         return self.predict(x_t, t, target="flow", **kwargs)
 
 
-# Wrappers that forward ``*args, **kwargs`` to the model they hold, as (class name, top-level package) ->
-# attribute. Matched by name along the MRO, so neither torch.distributed nor peft is imported here.
-_WRAPPERS = {
-    ("DistributedDataParallel", "torch"): "module",
-    ("DataParallel", "torch"): "module",
-    ("FullyShardedDataParallel", "torch"): "module",  # FSDP1; FSDP2 subclasses the model itself
-    ("OptimizedModule", "torch"): "_orig_mod",  # torch.compile
-    ("PeftModel", "peft"): "base_model",
-    ("BaseTuner", "peft"): "model",  # peft's LoraModel and its siblings
-}
-
-
-def _inner(model: Any) -> Any | None:
-    """The model a known wrapper holds, or None if ``model`` is not one."""
-    for cls in type(model).__mro__:
-        attr = _WRAPPERS.get((cls.__name__, cls.__module__.partition(".")[0]))
-        if attr is not None:
-            return getattr(model, attr, None)
-    return None
-
-
-def _unwrap_chain(model: Any) -> list[Any]:
-    """``[model, inner, ..., innermost]`` through DDP, FSDP1, ``torch.compile`` and peft wrappers."""
-    chain = [model]
-    while (inner := _inner(chain[-1])) is not None and all(inner is not m for m in chain):
-        chain.append(inner)
-    return chain
-
-
 def _model_dtype(model: Any) -> torch.dtype | None:
     """dtype of the first parameter of the innermost model that has one (wrappers included)."""
-    for module in reversed(_unwrap_chain(model)):
+    for module in reversed(unwrap_chain(model)):
         param = next(module.parameters(), None) if isinstance(module, nn.Module) else None
         if param is not None:
             return param.dtype
@@ -299,12 +263,12 @@ class DiffusersTransformerAdapter(nn.Module):
     def __init__(self, transformer: nn.Module, schedule: Schedule) -> None:
         super().__init__()
         self.transformer = transformer
-        self.schedule = schedule
+        self.schedule = check_schedule("DiffusersTransformerAdapter", schedule)
 
     def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Run the transformer with ``hidden_states=x_t`` and the diffusers timestep."""
         dtype = _model_dtype(self.transformer) or x_t.dtype
-        if getattr(self.schedule, "is_discrete", True):
+        if self.schedule.is_discrete:
             timestep = t
         else:
             sigma = self.schedule.sigma(t)
@@ -321,7 +285,7 @@ def _is_diffusers(model: Any, *names: str) -> bool:
     """Whether the model inside ``model``'s wrappers is one of diffusers' ``names`` (no import)."""
     if "diffusers" not in sys.modules:
         return False
-    inner = _unwrap_chain(model)[-1]
+    inner = unwrap_chain(model)[-1]
     return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(inner).__mro__)
 
 

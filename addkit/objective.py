@@ -26,14 +26,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from addkit._checks import check_choice, check_floating, check_positive, check_same_shape
+from addkit._random import randint, randn
+from addkit._time import check_schedule, check_time_values
+from addkit.losses._heads import as_heads
 from addkit.losses.adversarial import (
-    HeadLogits,
     hinge_d_loss,
     hinge_g_loss,
     non_saturating_d_loss,
@@ -45,15 +47,11 @@ from addkit.losses.distillation import (
     distillation_loss,
     sample_distillation_timesteps,
 )
-from addkit.losses.regularizers import LazyRegularizer, approximate_r1, r1_context, r1_penalty
-from addkit.typing import Schedule
+from addkit.losses.regularizers import LazyRegularizer, R1Placement, R1Regularizer, r1_regularizer
+from addkit.typing import Discriminator, HeadLogits, Schedule, Teacher
 
-__all__ = ["ADDObjective", "StudentInputs", "R1Placement"]
+__all__ = ["ADDObjective", "R1Placement", "StudentInputs"]
 
-R1Placement = Literal["features", "images", "approximate"]
-"""Where R1 is taken: the heads' input features (ADD), the images (exact), APT's approximation."""
-
-_R1_DEFAULT_GAMMA = {"features": 1e-5, "images": 1e-5, "approximate": 100.0}
 _LOSSES: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
     "hinge": (hinge_d_loss, hinge_g_loss),
     "non_saturating": (non_saturating_d_loss, non_saturating_g_loss),
@@ -76,11 +74,6 @@ class StudentInputs:
     t: Tensor
     noise: Tensor
     is_pure_noise: Tensor
-
-
-def _unwrap(module: Any) -> Any:
-    """The module inside a DDP / FSDP-style wrapper (they expose it as ``.module``)."""
-    return getattr(module, "module", module)
 
 
 class ADDObjective:
@@ -108,31 +101,40 @@ class ADDObjective:
     interval. ``r1_placement="features"`` (ADD) differentiates w.r.t. the frozen features
     fed to the heads; ``"images"`` is exact and runs the double backward through the
     feature network under the math attention backend; ``"approximate"`` is APT's
-    first-order penalty (default $\gamma = 100$, $\sigma = 0.01$). ``r1_gamma=0`` turns R1
-    off.
+    first-order penalty (default $\gamma = 100$, $\sigma = 0.01$). Each placement is a small
+    object in [`addkit.losses.regularizers`][addkit.losses.regularizers]
+    ([`R1Features`][addkit.losses.regularizers.R1Features],
+    [`R1Images`][addkit.losses.regularizers.R1Images],
+    [`ApproximateR1`][addkit.losses.regularizers.ApproximateR1]); pass one of them, or your
+    own [`R1Regularizer`][addkit.losses.regularizers.R1Regularizer], as ``r1_placement``.
+    ``r1_gamma=0`` turns R1 off.
 
     **Image conditioning.** ADD conditions the discriminator on an embedding of the real
     image the student input came from. At the pure-noise student step that embedding
     carries information the student cannot have, so by default its rows are zeroed there
-    (for real and fake alike) when ``student_t`` is passed (SPEC-DETAIL §2.6, unverified
-    for ADD).
+    (for real and fake alike) when ``student_t`` is passed (our reading; the paper does not
+    say how the image embedding is handled at that step).
 
-    Logs are detached 0-dim tensors (no host synchronisation); call ``.item()`` when you
-    write them.
+    **No host synchronisation.** One generator + discriminator step reads no tensor value
+    back to the host (checks use metadata; value checks only under
+    [`addkit.value_checks`][addkit.checks.value_checks]). A non-finite value anywhere makes
+    the returned loss non-finite instead of raising, so your trainer can skip the step
+    (``torch.isfinite(loss)``, one read you choose to make). Logs are detached 0-dim tensors;
+    call ``.item()`` when you write them.
 
     Args:
-        teacher: the frozen teacher, a [`WrappedDenoiser`][addkit.denoisers.WrappedDenoiser]
-            (or anything with ``predict``, see
-            [`distillation_loss`][addkit.losses.distillation.distillation_loss]).
-        discriminator: ``D(images, c_text, c_image, per_head=True, generator=...)`` returning
-            logits per head, e.g. a
-            [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator]
+        teacher: the frozen teacher, any [`Teacher`][addkit.typing.Teacher] (e.g. a
+            [`WrappedDenoiser`][addkit.denoisers.WrappedDenoiser] from ``wrap``).
+        discriminator: any [`Discriminator`][addkit.typing.Discriminator] (called as
+            ``D(images, c_text=..., c_image=..., per_head=True, generator=...)``), e.g. a
+            [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator];
             ``None`` only with ``adversarial_weight=0``. Under DDP, either wrap it and keep
             its parameters' ``requires_grad`` fixed (DDP's reducer breaks when they are
             toggled off for the generator step), or leave it unwrapped and average its
             gradients yourself (what ``examples/add_sdxl.py`` does). R1 on features calls
             ``extract`` on the wrapped module and the heads through ``forward(features=...)``.
-        schedule: the schedule of the student inputs and the teacher.
+        schedule: the schedule of the student inputs and the teacher (any
+            [`Schedule`][addkit.typing.Schedule]).
         lambda_distill: weight $\lambda$ of the distillation loss (ADD: 2.5); 0 turns it off.
         adversarial_weight: weight of the generator's adversarial loss; 0 turns it off.
         weighting: distillation weighting $c(t)$ (``"exponential"``, ``"sds"``, ``"nfsd"``
@@ -150,12 +152,16 @@ class ADDObjective:
         nfsd_threshold: NFSD's switch time (default 20 % of the schedule).
         distill_t_range: teacher timesteps ``(low, high)`` in schedule units.
         adversarial_loss: ``"hinge"`` (ADD) or ``"non_saturating"``.
-        r1_placement: see above.
-        r1_gamma: R1 weight; ``None`` picks 1e-5 (features, images) or 100 (approximate).
-        r1_interval: lazy regularisation interval (1 = every step).
+        r1_placement: ``"features"``, ``"images"``, ``"approximate"`` or an
+            [`R1Regularizer`][addkit.losses.regularizers.R1Regularizer] (see above).
+        r1_gamma: R1 weight; ``None`` takes the placement's ``default_gamma`` (1e-5 for
+            features and images, 100 for approximate).
+        r1_interval: lazy regularisation interval (1 = every step; above 1,
+            ``discriminator_loss`` needs ``step=``).
         r1_sigma: the perturbation of ``"approximate"``.
         student_timesteps: the student's timesteps; ``None`` is
-            ``schedule.timesteps(4, "trailing")``, i.e. ADD's ``(999, 749, 499, 249)``.
+            ``schedule.timesteps(4, "trailing")``: ADD's ``(999, 749, 499, 249)`` for a VP
+            schedule, ``(1.0, 0.75, 0.5, 0.25)`` for rectified flow.
         terminal: ``"replace"`` or ``"schedule"`` (see above).
         zero_image_cond_at_terminal: zero ``c_image`` rows at the pure-noise step.
 
@@ -163,12 +169,14 @@ class ADDObjective:
         ValueError: for an unknown option, negative weights, a student timestep outside
             the schedule, ``space="pixel"`` without ``decode`` or no discriminator while
             the adversarial loss is on.
+        TypeError: for a schedule or teacher that does not satisfy its protocol, or float
+            student timesteps on a discrete schedule.
 
     Examples:
         >>> from addkit import VPSchedule, wrap
         >>> s = VPSchedule.scaled_linear()
         >>> teacher = wrap(lambda x, t: torch.zeros_like(x), s, "eps")
-        >>> D = lambda x, *c, per_head=False, generator=None: [x.flatten(1)[:, :3]]
+        >>> D = lambda x, per_head=False, generator=None: [x.flatten(1)[:, :3]]
         >>> obj = ADDObjective(teacher, D, s)
         >>> inp = obj.sample_student_inputs(torch.randn(4, 2, 8, 8))
         >>> loss, logs = obj.generator_loss(teacher.x0(inp.x_t, inp.t), student_t=inp.t)
@@ -178,8 +186,8 @@ class ADDObjective:
 
     def __init__(
         self,
-        teacher: Any,
-        discriminator: Callable[..., HeadLogits] | None,
+        teacher: Teacher,
+        discriminator: Discriminator | None,
         schedule: Schedule,
         *,
         lambda_distill: float = 2.5,
@@ -194,7 +202,7 @@ class ADDObjective:
         nfsd_threshold: float | None = None,
         distill_t_range: tuple[float, float] | None = None,
         adversarial_loss: Literal["hinge", "non_saturating"] = "hinge",
-        r1_placement: R1Placement = "features",
+        r1_placement: R1Placement | R1Regularizer = "features",
         r1_gamma: float | None = None,
         r1_interval: int = 1,
         r1_sigma: float = 0.01,
@@ -207,7 +215,6 @@ class ADDObjective:
         check_positive(fn, "adversarial_weight", adversarial_weight, allow_zero=True)
         check_choice(fn, "space", space, ("latent", "pixel"))
         check_choice(fn, "adversarial_loss", adversarial_loss, tuple(_LOSSES))
-        check_choice(fn, "r1_placement", r1_placement, tuple(_R1_DEFAULT_GAMMA))
         check_choice(fn, "terminal", terminal, ("replace", "schedule"))
         check_choice(fn, "discriminator_sees", discriminator_sees, ("decoded", "latents"))
         if isinstance(weighting, str):
@@ -216,9 +223,18 @@ class ADDObjective:
             raise ValueError(f"{fn}: space='pixel' needs decode=<latents -> images>, got None")
         if discriminator is None and adversarial_weight > 0:
             raise ValueError(f"{fn}: discriminator=None needs adversarial_weight=0 (distillation only)")
-        gamma = _R1_DEFAULT_GAMMA[r1_placement] if r1_gamma is None else r1_gamma
-        check_positive(fn, "r1_gamma", gamma, allow_zero=True)
         check_positive(fn, "r1_sigma", r1_sigma)
+        if isinstance(r1_placement, str):
+            check_choice(fn, "r1_placement", r1_placement, get_args(R1Placement))
+        self.r1 = r1_regularizer(r1_placement, sigma=r1_sigma)
+        gamma = self.r1.default_gamma if r1_gamma is None else r1_gamma
+        check_positive(fn, "r1_gamma", gamma, allow_zero=True)
+        check_schedule(fn, schedule)
+        if not callable(getattr(teacher, "predict", None)) and lambda_distill > 0:
+            raise TypeError(
+                f"{fn}: teacher must satisfy addkit.typing.Teacher (predict(x_t, t, target=..., ...), "
+                f"e.g. addkit.wrap(unet, schedule, 'eps')), got {type(teacher).__name__}"
+            )
         self.teacher = teacher
         self.discriminator = discriminator
         self.schedule = schedule
@@ -234,30 +250,25 @@ class ADDObjective:
         self.nfsd_threshold = nfsd_threshold
         self.distill_t_range = distill_t_range
         self.d_loss_fn, self.g_loss_fn = _LOSSES[adversarial_loss]
-        self.r1_placement = r1_placement
         self.r1_gamma = float(gamma)
         self.lazy_r1 = LazyRegularizer(r1_interval)
-        self.r1_sigma = float(r1_sigma)
         self.terminal = terminal
         self.zero_image_cond_at_terminal = zero_image_cond_at_terminal
         self.student_timesteps = self._student_timesteps(fn, student_timesteps)
 
     def _student_timesteps(self, fn: str, timesteps: Sequence[float] | None) -> Tensor:
-        discrete = bool(getattr(self.schedule, "is_discrete", True))
         if timesteps is None:
-            timesteps = self.schedule.timesteps(4, "trailing")  # type: ignore[attr-defined]
-        values = list(timesteps)
+            timesteps = self.schedule.timesteps(4, "trailing")
+        values = check_time_values(fn, self.schedule, timesteps, name="student_timesteps")
         if not values:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
-        ts = torch.tensor(values, dtype=torch.long if discrete else torch.float32)
-        self.schedule.alpha(ts)  # raises a clear error for timesteps outside the schedule
-        return ts
+        return torch.tensor(values, dtype=self.schedule.time_dtype)
 
     def __repr__(self) -> str:
         return (
             f"ADDObjective(lambda_distill={self.lambda_distill}, adversarial_weight="
             f"{self.adversarial_weight}, weighting={self.weighting!r}, space={self.space!r}, "
-            f"r1={self.r1_placement}:{self.r1_gamma}/{self.lazy_r1.interval}, "
+            f"r1={self.r1!r}:{self.r1_gamma}/{self.lazy_r1.interval}, "
             f"student_timesteps={self.student_timesteps.tolist()})"
         )
 
@@ -284,10 +295,9 @@ class ADDObjective:
         check_floating(fn, "x0", x0)
         if x0.ndim < 2:
             raise ValueError(f"{fn}: x0 must have shape [B, ...] with at least 2 dims, got {tuple(x0.shape)}")
-        draw = generator.device if generator is not None else x0.device
-        index = torch.randint(len(self.student_timesteps), (x0.shape[0],), generator=generator, device=draw)
-        t = self.student_timesteps.to(draw)[index].to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=draw, dtype=x0.dtype).to(x0.device)
+        index = randint(0, len(self.student_timesteps), (x0.shape[0],), device=x0.device, generator=generator)
+        t = self.student_timesteps.to(x0.device)[index]
+        noise = randn(tuple(x0.shape), device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.schedule.add_noise(x0, noise, t)
         pure = t == self.student_timesteps.max().to(t.device)
         if self.terminal == "replace":
@@ -320,14 +330,17 @@ class ADDObjective:
         pure = (student_t == self.student_timesteps.max().to(student_t.device)).reshape(-1, 1)
         return c_image.masked_fill(pure, 0.0)
 
-    def _logits(
-        self, images: Tensor | None, c_text: Tensor | None, c_image: Tensor | None,
-        generator: torch.Generator | None, **kwargs: Any,
-    ) -> HeadLogits:
+    def _require_discriminator(self) -> Discriminator:
         if self.discriminator is None:
             raise ValueError("ADDObjective: no discriminator was given (adversarial_weight=0)")
+        return self.discriminator
+
+    def _logits(
+        self, images: Tensor, c_text: Tensor | None, c_image: Tensor | None,
+        generator: torch.Generator | None, **kwargs: Any,
+    ) -> HeadLogits:
         cond = {k: v for k, v in (("c_text", c_text), ("c_image", c_image)) if v is not None}
-        return self.discriminator(images, per_head=True, generator=generator, **cond, **kwargs)
+        return self._require_discriminator()(images, per_head=True, generator=generator, **cond, **kwargs)
 
     # -- generator -------------------------------------------------------------------------
     def generator_loss(
@@ -392,14 +405,14 @@ class ADDObjective:
         cond: Mapping[str, Any] | None, uncond: Mapping[str, Any] | None,
         negative: Mapping[str, Any] | None, generator: torch.Generator | None,
     ) -> Tensor:
-        draw = generator.device if generator is not None else student_x0.device
+        device = student_x0.device
         t = sample_distillation_timesteps(
-            student_x0.shape[0], self.schedule, t_range=self.distill_t_range, generator=generator, device=draw
-        ).to(student_x0.device)
-        noise = torch.randn(student_x0.shape, generator=generator, device=draw, dtype=student_x0.dtype)
+            student_x0.shape[0], self.schedule, t_range=self.distill_t_range, generator=generator, device=device
+        )
+        noise = randn(tuple(student_x0.shape), device=device, dtype=student_x0.dtype, generator=generator)
         pixel = self.space == "pixel"
         return distillation_loss(
-            student_x0, self.teacher, t, noise.to(student_x0.device), schedule=self.schedule,
+            student_x0, self.teacher, t, noise, schedule=self.schedule,
             weighting=self.weighting, sds_weight=self.sds_weight, distance=self.distance,
             cond=cond, uncond=uncond, negative_cond=negative, guidance_scale=self.guidance_scale,
             nfsd_threshold=self.nfsd_threshold, space=self.space, decode=self.decode,
@@ -415,7 +428,7 @@ class ADDObjective:
         c_text: Tensor | None = None,
         c_image: Tensor | None = None,
         student_t: Tensor | None = None,
-        step: int = 0,
+        step: int | None = None,
         generator: torch.Generator | None = None,
         feature_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -429,7 +442,7 @@ class ADDObjective:
             c_text: text embedding ``[B, D_t]`` (same for real and fake).
             c_image: image embedding of the real images ``[B, D_i]``.
             student_t: the student timesteps ``[B]`` of the fakes.
-            step: the training step, for lazy R1 (``r1_interval``).
+            step: the training step, for lazy R1; required when ``r1_interval > 1``.
             generator: randomness for augmentation and the approximate R1 noise.
             feature_kwargs: extra arguments for the discriminator's feature network.
 
@@ -439,7 +452,8 @@ class ADDObjective:
             (on the steps it is computed) and ``d/total``.
 
         Raises:
-            ValueError: for mismatched shapes or conditioning.
+            ValueError: for mismatched shapes or conditioning, or no ``step`` with
+                ``r1_interval > 1``.
         """
         fn = "ADDObjective.discriminator_loss"
         check_floating(fn, "real", real)
@@ -471,53 +485,15 @@ class ADDObjective:
     ) -> tuple[HeadLogits, Tensor | None]:
         if not regularise:
             return self._logits(real, c_text, c_image, generator, **fk), None
-        if self.r1_placement == "images":
-            x = real.requires_grad_(True)
-            with r1_context():
-                logits = self._logits(x, c_text, c_image, generator, **fk)
-                return logits, r1_penalty(logits, x)
-        if self.r1_placement == "features":
-            extract = getattr(_unwrap(self.discriminator), "extract", None)
-            if extract is None:
-                raise ValueError(
-                    "ADDObjective: r1_placement='features' needs a discriminator with "
-                    "extract(images) and forward(features=...) (ProjectedDiscriminator); use "
-                    "r1_placement='images' or 'approximate' for other discriminators"
-                )
-            feats = [f.detach().requires_grad_(True) for f in extract(real, generator=generator, **fk)]
-            logits = self._logits(None, c_text, c_image, None, features=feats)
-            return logits, r1_penalty(logits, feats)
-        return self._approximate(real, c_text, c_image, generator, fk)
-
-    def _approximate(
-        self, real: Tensor, c_text: Tensor | None, c_image: Tensor | None,
-        generator: torch.Generator | None, fk: dict[str, Any],
-    ) -> tuple[HeadLogits, Tensor]:
-        # Both discriminator calls must see the same augmentation, so each gets a generator
-        # seeded alike; the perturbation noise comes from the caller's generator.
-        draw = generator.device if generator is not None else real.device
-        seed = int(torch.randint(2**62, (), generator=generator, device=draw))
-
-        def same_rng() -> torch.Generator:
-            return torch.Generator(device=real.device).manual_seed(seed)
-
-        logits = self._logits(real, c_text, c_image, same_rng(), **fk)
-        r1 = approximate_r1(
-            lambda x: self._logits(x, c_text, c_image, same_rng(), **fk),
-            real, sigma=self.r1_sigma, generator=generator, real_logits=logits,
-        )
-        return logits, r1
-
-
-def _heads(logits: HeadLogits) -> list[Tensor]:
-    return [logits] if isinstance(logits, Tensor) else list(logits)
+        cond = {k: v for k, v in (("c_text", c_text), ("c_image", c_image)) if v is not None}
+        return self.r1(self._require_discriminator(), real, generator=generator, feature_kwargs=fk, **cond)
 
 
 def _mean_logit(logits: HeadLogits) -> Tensor:
-    heads = _heads(logits)
+    heads = as_heads("ADDObjective", "logits", logits)
     return torch.stack([h.detach().float().mean() for h in heads]).mean()
 
 
 def _fraction_positive(logits: HeadLogits) -> Tensor:
-    heads = _heads(logits)
+    heads = as_heads("ADDObjective", "logits", logits)
     return torch.cat([h.detach().flatten() > 0 for h in heads]).float().mean()

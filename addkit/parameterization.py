@@ -16,8 +16,10 @@ $$ x_0 = \\frac{x_t - \\sigma\\epsilon}{\\alpha}
    = \\frac{\\sigma x_t + \\alpha v}{\\alpha^2 + \\sigma^2} = u + x_0. $$
 
 At zero SNR ($\\alpha_t = 0$) an eps prediction carries no information about $x_0$: the
-conversion raises instead of dividing by zero. v, x0 and flow predictions convert safely
-there. Likewise an x0 prediction gives no $\\epsilon$ where $\\sigma_t = 0$.
+conversion divides by zero and returns non-finite values (under
+[`addkit.value_checks`][addkit.checks.value_checks] it raises instead; finding the zero reads
+the device). v, x0 and flow predictions convert safely there. Likewise an x0 prediction
+gives no $\\epsilon$ where $\\sigma_t = 0$.
 
 The maths runs in at least float32 and returns the dtype of ``x_t``.
 
@@ -34,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import _in_capture_or_trace, check_choice, check_floating, check_same_shape
-from addkit._reduce import append_dims
+from addkit._checks import check_choice, check_floating, check_same_shape, checking_values
+from addkit._time import check_schedule
 from addkit.typing import Prediction, Schedule
 
 __all__ = ["PREDICTIONS", "convert", "normalize_prediction", "to_eps", "to_flow", "to_v", "to_x0"]
@@ -57,7 +59,8 @@ def normalize_prediction(prediction: str, *, fn: str = "normalize_prediction") -
 
 
 def _require_nonzero(fn: str, coef: Tensor, name: str, why: str) -> None:
-    if _in_capture_or_trace():
+    """Raise where ``coef`` is 0 (reads the device: only under value checks; else inf/NaN flow on)."""
+    if not checking_values():
         return
     if bool((coef == 0).any()):
         raise ValueError(f"{fn}: {why} where {name} = 0 (zero {'SNR' if name == 'alpha_t' else 'noise'})")
@@ -83,8 +86,9 @@ def convert(
         The ``target`` prediction, in ``x_t``'s dtype.
 
     Raises:
-        ValueError: for unknown names, mismatched shapes, $x_0$ from eps where
-            $\\alpha_t = 0$, or $\\epsilon$ from x0 where $\\sigma_t = 0$.
+        ValueError: for unknown names, mismatched shapes, and (under
+            [`addkit.value_checks`][addkit.checks.value_checks]) $x_0$ from eps where
+            $\\alpha_t = 0$ or $\\epsilon$ from x0 where $\\sigma_t = 0$.
 
     Examples:
         >>> x0, eps = torch.ones(1, 2), torch.zeros(1, 2)
@@ -147,15 +151,8 @@ def _via_schedule(
 
 
 def _coefficients(schedule: Schedule, t: Any, like: Tensor, fn: str) -> tuple[Tensor, Tensor]:
-    coefficients = getattr(schedule, "coefficients", None)
-    if coefficients is not None:
-        return coefficients(t, like, fn=fn)
-    t = torch.as_tensor(t, device=like.device)
-    t = t.expand(like.shape[0]) if t.ndim == 0 else t
-    dtype = torch.promote_types(like.dtype, torch.float32)
-    a = append_dims(torch.as_tensor(schedule.alpha(t)).to(like.device, dtype), like.ndim)
-    s = append_dims(torch.as_tensor(schedule.sigma(t)).to(like.device, dtype), like.ndim)
-    return a, s
+    check_schedule(fn, schedule)
+    return schedule.coefficients(t, like, fn=fn)
 
 
 def to_x0(pred: Tensor, x_t: Tensor, t: Any, *, schedule: Schedule, prediction: str) -> Tensor:
@@ -172,8 +169,9 @@ def to_x0(pred: Tensor, x_t: Tensor, t: Any, *, schedule: Schedule, prediction: 
         $\\hat x_0$ with ``x_t``'s shape and dtype.
 
     Raises:
-        ValueError: for an eps prediction where $\\alpha_t = 0$ (zero terminal SNR),
-            shape mismatches or unknown names.
+        ValueError: for shape mismatches or unknown names; under
+            [`addkit.value_checks`][addkit.checks.value_checks] also for an eps prediction
+            where $\\alpha_t = 0$ (zero terminal SNR).
 
     Examples:
         >>> from addkit.schedules import FlowSchedule

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import _in_capture_or_trace, check_choice, check_floating, check_same_shape
+from addkit._checks import check_choice, check_floating, check_same_shape
 from addkit._reduce import append_dims
+from addkit._time import check_time
 
 __all__ = ["FlowSchedule", "Spacing", "VPSchedule"]
 
@@ -33,13 +34,19 @@ _SPACINGS = ("trailing", "leading", "linspace")
 
 
 class _Schedule:
-    """Shared maths of every schedule; subclasses define ``_alpha_sigma`` and ``_check_t``."""
+    """Shared maths of every schedule; subclasses define ``_alpha_sigma`` and the time attributes."""
 
     is_discrete: bool
     num_train_timesteps: int
+    time_dtype: torch.dtype
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        """Valid times ``(low, high)``, inclusive; the largest is the noisiest."""
+        raise NotImplementedError
 
     def _check_t(self, fn: str, t: Any) -> Tensor:
-        raise NotImplementedError
+        return check_time(fn, self, t)
 
     def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -143,6 +150,7 @@ class VPSchedule(_Schedule):
     """
 
     is_discrete = True
+    time_dtype = torch.long
 
     def __init__(self, betas: Tensor, *, steps_offset: int = 0) -> None:
         fn = "VPSchedule"
@@ -295,27 +303,12 @@ class VPSchedule(_Schedule):
             ts = _round_half_even(_np_linspace(0, T - 1, n))[::-1]
         return tuple(int(v) for v in ts)
 
-    # -- maths ----------------------------------------------------------------------------
-    def _check_t(self, fn: str, t: Any) -> Tensor:
-        if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
-            raise TypeError(
-                f"{fn}: t must be an integer timestep or an integer tensor for a discrete "
-                f"schedule, got {type(t).__name__}"
-            )
-        t = torch.as_tensor(t)
-        if t.is_floating_point() or t.is_complex():
-            raise TypeError(
-                f"{fn}: t must be an integer tensor for a discrete schedule (timesteps 0..."
-                f"{self.num_train_timesteps - 1}), got dtype {t.dtype}"
-            )
-        if t.numel() and not _in_capture_or_trace():
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.num_train_timesteps:
-                raise ValueError(
-                    f"{fn}: t must lie in [0, {self.num_train_timesteps - 1}], got range [{lo}, {hi}]"
-                )
-        return t
+    @property
+    def t_range(self) -> tuple[int, int]:
+        """Valid timesteps ``(0, T - 1)``, inclusive."""
+        return 0, self.num_train_timesteps - 1
 
+    # -- maths ----------------------------------------------------------------------------
     def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         device = t.device
         if device not in self._tables:
@@ -353,6 +346,7 @@ class FlowSchedule(_Schedule):
     """
 
     is_discrete = False
+    time_dtype = torch.float32
 
     def __init__(self, shift: float = 1.0, *, num_train_timesteps: int = 1000) -> None:
         if not (shift > 0 and math.isfinite(shift)):
@@ -416,19 +410,10 @@ class FlowSchedule(_Schedule):
             ts = _np_linspace(1.0, float(self.sigmas[-1]), n)
         return tuple(float(v) for v in ts)
 
-    def _check_t(self, fn: str, t: Any) -> Tensor:
-        if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
-            raise TypeError(f"{fn}: t must be a float or a float tensor in [0, 1], got {type(t).__name__}")
-        t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
-        if not t.is_floating_point():
-            raise TypeError(
-                f"{fn}: t must be a float tensor in [0, 1] for a flow schedule, got dtype {t.dtype}"
-            )
-        if t.numel() and not _in_capture_or_trace():
-            lo, hi = float(t.min()), float(t.max())
-            if not (0.0 <= lo and hi <= 1.0):
-                raise ValueError(f"{fn}: t must lie in [0, 1], got range [{lo}, {hi}]")
-        return t
+    @property
+    def t_range(self) -> tuple[float, float]:
+        """Valid times ``(0.0, 1.0)``, inclusive (``1`` is pure noise)."""
+        return 0.0, 1.0
 
     def _alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         dtype = torch.float32 if t.device.type == "mps" else torch.float64

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from addkit.checks import value_checks
 from addkit.denoisers import wrap
 from addkit.discriminators import DiffAugment, ProjectedDiscriminator, TappedFeatures
 from addkit.losses import distillation_loss, hinge_d_loss, hinge_g_loss, r1_penalty
@@ -258,9 +259,13 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="student_t must have shape"):
         obj.discriminator_loss(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16), c_text=torch.randn(2, 4),
                                c_image=torch.randn(2, 3), student_t=torch.tensor([999]))
-    with pytest.raises(ValueError, match="finite"):
-        obj.discriminator_loss(torch.full((2, 3, 16, 16), float("nan")), torch.rand(2, 3, 16, 16),
-                               c_text=torch.randn(2, 4), c_image=torch.randn(2, 3))
+    nan_real = torch.full((2, 3, 16, 16), float("nan"))
+    loss, _ = obj.discriminator_loss(nan_real, torch.rand(2, 3, 16, 16), c_text=torch.randn(2, 4),
+                                     c_image=torch.randn(2, 3))
+    assert not torch.isfinite(loss)  # flows into the loss (a trainer skips the step)
+    with value_checks(), pytest.raises(ValueError, match="finite"):
+        obj.discriminator_loss(nan_real, torch.rand(2, 3, 16, 16), c_text=torch.randn(2, 4),
+                               c_image=torch.randn(2, 3))
     with pytest.raises(TypeError, match="floating"):
         obj.sample_student_inputs(torch.zeros(2, 3, dtype=torch.long))
 

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from addkit.checks import value_checks
 from addkit.parameterization import PREDICTIONS, convert, normalize_prediction, to_eps, to_flow, to_v, to_x0
 from addkit.schedules import FlowSchedule, VPSchedule
 
@@ -65,11 +66,14 @@ def test_zero_terminal_snr_safe_forms() -> None:
     torch.testing.assert_close(to_x0(v, x_t, t, schedule=ZSNR, prediction="v"), -v)
     torch.testing.assert_close(to_eps(v, x_t, t, schedule=ZSNR, prediction="v"), x_t)
     torch.testing.assert_close(to_eps(v, x_t, t, schedule=ZSNR, prediction="x0"), x_t)
-    with pytest.raises(ValueError, match=r"convert: an eps prediction cannot give x0 where alpha_t = 0"):
-        to_x0(v, x_t, t, schedule=ZSNR, prediction="eps")
-    # flow at t = 0: sigma = 0, x0 prediction cannot give eps
-    with pytest.raises(ValueError, match="an x0 prediction cannot give eps where sigma_t = 0"):
-        to_eps(v, x_t, torch.tensor([0.0, 0.0]), schedule=FLOW, prediction="x0")
+    # by default the division by zero flows on as non-finite values (no device read)
+    assert not torch.isfinite(to_x0(v, x_t, t, schedule=ZSNR, prediction="eps")).any()
+    with value_checks():
+        with pytest.raises(ValueError, match=r"convert: an eps prediction cannot give x0 where alpha_t = 0"):
+            to_x0(v, x_t, t, schedule=ZSNR, prediction="eps")
+        # flow at t = 0: sigma = 0, x0 prediction cannot give eps
+        with pytest.raises(ValueError, match="an x0 prediction cannot give eps where sigma_t = 0"):
+            to_eps(v, x_t, torch.tensor([0.0, 0.0]), schedule=FLOW, prediction="x0")
 
 
 def test_dtypes_and_names() -> None:

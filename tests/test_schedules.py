@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from hypothesis import given
 from hypothesis import strategies as st
 
+from addkit.checks import value_checks
 from addkit.schedules import FlowSchedule, VPSchedule
 
 SPACINGS = ("trailing", "leading", "linspace")
@@ -50,7 +51,7 @@ def test_zero_snr_rescale_matches_diffusers() -> None:
     assert float(z.alphas_cumprod[-1]) == 0.0
     assert float(z.betas[-1]) == 1.0
     assert float(z.alphas_cumprod[0]) == pytest.approx(float(s.alphas_cumprod[0]), abs=1e-15)
-    # SPEC-DETAIL §7.2 numbers.
+    # alpha-bar of the rescaled SD schedule at t = 249, 499, 749 (Lin et al. 2023, Alg. 1 by hand).
     want = torch.tensor([0.65419, 0.24236, 0.03317], dtype=torch.float64)
     torch.testing.assert_close(z.alphas_cumprod[[249, 499, 749]], want, atol=1e-5, rtol=0)
     # diffusers' DDPM scheduler with the flag gives the same alphas_cumprod.
@@ -164,10 +165,12 @@ def test_bad_inputs() -> None:
     s = VPSchedule.scaled_linear()
     with pytest.raises(TypeError, match=r"VPSchedule.alpha: t must be an integer tensor for a discrete schedule"):
         s.alpha(torch.tensor([0.5]))
-    with pytest.raises(TypeError, match="integer timestep"):
+    with pytest.raises(TypeError, match="t must be integers for a discrete schedule .* got \\(0.5,\\)"):
         s.alpha(0.5)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\], got range \[0, 1000\]"):
-        s.alpha(torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\], got \(1000,\)"):
+        s.alpha(1000)  # a Python number: checked on the host, always
+    with value_checks(), pytest.raises(ValueError, match=r"t must lie in \[0, 999\], got range \[0, 1000\]"):
+        s.alpha(torch.tensor([0, 1000]))  # a tensor: its values only under value checks
     with pytest.raises(ValueError, match="spacing must be one of 'trailing', 'leading', 'linspace'; got 'cosine'"):
         s.timesteps(4, "cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"n must be an integer in \[1, 1000\]"):
@@ -179,9 +182,11 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\]"):
         VPSchedule(torch.tensor([0.1, 1.5]))
     f = FlowSchedule()
-    with pytest.raises(ValueError, match=r"FlowSchedule.sigma: t must lie in \[0, 1\]"):
+    with value_checks(), pytest.raises(ValueError, match=r"FlowSchedule.sigma: t must lie in \[0, 1\]"):
         f.sigma(torch.tensor([1.2]))
-    with pytest.raises(TypeError, match="float tensor"):
+    with pytest.raises(ValueError, match=r"FlowSchedule.sigma: t must lie in \[0.0, 1.0\], got \(1.2,\)"):
+        f.sigma(1.2)
+    with pytest.raises(TypeError, match="floating tensor"):
         f.sigma(torch.tensor([1]))
     with pytest.raises(ValueError, match="spacing must be one of 'trailing', 'linspace'"):
         f.timesteps(4, "leading")

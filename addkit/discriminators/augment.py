@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from addkit._checks import check_choice, check_floating, check_ndim, check_positive
+from addkit._random import rand, randint
 
 __all__ = ["DiffAugment", "diff_augment"]
 
@@ -37,14 +38,11 @@ _OPS = ("color", "translation", "cutout")
 
 
 def _uniform(x: Tensor, generator: torch.Generator | None, *shape: int) -> Tensor:
-    device = generator.device if generator is not None else x.device
-    u = torch.rand(x.shape[0], *shape, generator=generator, device=device)
-    return u.to(device=x.device, dtype=x.dtype)
+    return rand((x.shape[0], *shape), device=x.device, generator=generator).to(x.dtype)
 
 
 def _randint(x: Tensor, generator: torch.Generator | None, low: int, high: int) -> Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randint(low, high, (x.shape[0],), generator=generator, device=device).to(x.device)
+    return randint(low, high, (x.shape[0],), device=x.device, generator=generator)
 
 
 def _color(x: Tensor, generator: torch.Generator | None) -> Tensor:

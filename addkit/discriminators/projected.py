@@ -44,8 +44,8 @@ class ProjectedDiscriminator(nn.Module):
 
     Conditioning: ``c_text`` and ``c_image`` (when configured) are concatenated and each
     head projects the result with its own linear map to ``cmap_dim``. How ADD combines its
-    text and image embeddings is not stated in the paper (SPEC-DETAIL §2.6, UNVERIFIED);
-    concatenation is the choice made here. Zeroing ``c_image`` at the pure-noise student
+    text and image embeddings is not stated in the paper (arXiv 2311.17042, §3.2 says only
+    that both condition the heads); concatenation is the choice made here. Zeroing ``c_image`` at the pure-noise student
     step is left to the caller.
 
     Gradient and memory policy of [`extract`][addkit.discriminators.projected.ProjectedDiscriminator.extract]:

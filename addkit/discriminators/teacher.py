@@ -11,8 +11,9 @@ $$ x_{\\hat t} = \\alpha_{\\hat t}\\, x_0 + \\sigma_{\\hat t}\\, \\epsilon, \\qq
 
 References:
     Sauer et al., *Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
-    Distillation*, arXiv 2403.12015, §3 (teacher features; logit-normal noise levels —
-    method details from secondary sources, see SPEC-DETAIL §3).
+    Distillation*, arXiv 2403.12015, §3 (teacher features; logit-normal noise levels).
+    The paper describes the method in prose only and released no code; the details here
+    follow its text and SD3's logit-normal time sampling (Esser et al., arXiv 2403.03206).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from addkit._checks import check_floating, check_ndim, check_positive
+from addkit._random import randn
+from addkit._time import check_schedule, check_time_values
 from addkit.discriminators.features import (
     FrozenFeatures,
     default_select,
@@ -60,9 +63,9 @@ def sample_logit_normal(
         >>> 0.68 < float(t.mean()) < 0.72
         True
     """
-    gen_device = generator.device if generator is not None else device
-    xi = torch.randn(batch_size, generator=generator, device=gen_device)
-    return torch.sigmoid(mean + std * xi).to(device or xi.device)
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.sigmoid(mean + std * randn((batch_size,), device=device, generator=generator))
 
 
 class TeacherFeatures(FrozenFeatures):
@@ -75,12 +78,13 @@ class TeacherFeatures(FrozenFeatures):
     transposed. With ``stop_early`` the teacher stops after the last tap fires (a UNet tapped
     at its mid block skips the decoder).
 
-    Timesteps are in the schedule's units: for a discrete schedule (``is_discrete=True``) a
-    drawn $\\hat t \\in (0, 1)$ becomes ``round(t * (T - 1))``, otherwise it is used as is.
+    Timesteps are in the schedule's units: a drawn $\\hat t \\in (0, 1)$ is mapped linearly
+    onto the schedule's ``t_range`` (``round(t * (T - 1))`` for a discrete schedule, ``t``
+    itself for rectified flow).
 
     Args:
         teacher: the module whose submodules are tapped; frozen in place.
-        schedule: any object with ``add_noise(x0, noise, t)`` (e.g.
+        schedule: a [`Schedule`][addkit.typing.Schedule] (e.g.
             [`VPSchedule`][addkit.schedules.VPSchedule], [`FlowSchedule`][addkit.schedules.FlowSchedule]).
         taps: dotted submodule names, e.g. ``["down_blocks.1", "mid_block"]``.
         channels: ``C`` of each tap (e.g. the UNet's ``block_out_channels`` at those blocks).
@@ -122,10 +126,7 @@ class TeacherFeatures(FrozenFeatures):
     ) -> None:
         super().__init__()
         fn = "TeacherFeatures"
-        if not callable(getattr(schedule, "add_noise", None)):
-            raise TypeError(
-                f"{fn}: schedule must have add_noise(x0, noise, t), got {type(schedule).__name__}"
-            )
+        check_schedule(fn, schedule)
         self.taps = list(taps)
         if not self.taps:
             raise ValueError(f"{fn}: taps must name at least one submodule, got {self.taps}")
@@ -135,8 +136,8 @@ class TeacherFeatures(FrozenFeatures):
                 f"{fn}: channels must give one count per tap ({len(self.taps)}), got {list(channels)}"
             )
         check_positive(fn, "logit_std", logit_std)
-        if t is not None and getattr(schedule, "is_discrete", False) and not isinstance(t, int):
-            raise TypeError(f"{fn}: t must be an integer timestep for a discrete schedule, got {t!r}")
+        if t is not None:
+            (t,) = check_time_values(fn, schedule, [t], name="t")
         self.teacher = teacher
         self.schedule = schedule
         self._channels = [int(c) for c in channels]
@@ -165,16 +166,15 @@ class TeacherFeatures(FrozenFeatures):
         Use it to draw $\\hat t$ yourself when the heads are also conditioned on it, then
         pass ``t=`` to the call.
         """
-        discrete = bool(getattr(self.schedule, "is_discrete", False))
+        dtype = self.schedule.time_dtype
         if self.t is not None:
-            dtype = torch.long if discrete else torch.float32
             return torch.full((batch_size,), self.t, dtype=dtype, device=device)
         u = sample_logit_normal(
             batch_size, mean=self.logit_mean, std=self.logit_std, generator=generator, device=device
         )
-        if discrete:
-            return (u * (self.schedule.num_train_timesteps - 1)).round().long()
-        return u
+        low, high = self.schedule.t_range
+        t = low + (high - low) * u.double()
+        return t.round().to(dtype) if self.schedule.is_discrete else t.to(dtype)
 
     def forward(
         self,
@@ -204,8 +204,7 @@ class TeacherFeatures(FrozenFeatures):
         if t is None:
             t = self.sample_t(latents.shape[0], generator=generator, device=latents.device)
         if noise is None:
-            device = generator.device if generator is not None else latents.device
-            noise = torch.randn(latents.shape, generator=generator, device=device).to(latents)
+            noise = randn(tuple(latents.shape), device=latents.device, dtype=latents.dtype, generator=generator)
         x_t = self.schedule.add_noise(latents, noise, t)
         with recording(self.teacher, self.taps, select=self.select, stop_early=self.stop_early, fn=fn) as out:
             if self.call is None:

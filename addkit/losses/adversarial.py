@@ -25,7 +25,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import get_args
 
 import torch
@@ -35,7 +35,7 @@ from torch.nn.functional import softplus
 from addkit._checks import check_choice, check_same_shape
 from addkit._reduce import reduce_loss
 from addkit.losses._heads import as_heads, sum_all
-from addkit.typing import Reduction
+from addkit.typing import HeadLogits, Reduction
 
 __all__ = [
     "HeadLogits",
@@ -48,10 +48,6 @@ __all__ = [
     "non_saturating_d_loss",
     "non_saturating_g_loss",
 ]
-
-HeadLogits = Tensor | Sequence[Tensor]
-"""Discriminator logits: one ``[B, K]`` tensor (one head) or a sequence, one per head."""
-
 
 def _per_sample(heads: list[Tensor], f: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``f`` to every logit; mean over tokens, sum over heads: ``[B]``."""

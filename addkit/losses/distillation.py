@@ -30,14 +30,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_same_shape
+from addkit._checks import check_choice, check_floating, check_same_shape, checking_values
+from addkit._random import rand, randint
 from addkit._reduce import per_sample_mean, reduce_loss
-from addkit.typing import Reduction, Schedule
+from addkit._time import check_schedule, check_time_values
+from addkit.typing import Reduction, Schedule, Teacher
 
 __all__ = [
     "Distance",
-    "Weighting",
     "WeightFn",
+    "Weighting",
     "distillation_loss",
     "distillation_weight",
     "sample_distillation_timesteps",
@@ -112,7 +114,7 @@ def distillation_weight(
     check_choice(fn, "weighting", weighting, _WEIGHTINGS)
     if weighting == "exponential":
         return alpha
-    if bool((sigma <= 0).any()):
+    if checking_values() and bool((sigma <= 0).any()):
         raise ValueError(
             f"{fn}: weighting={weighting!r} divides by sigma_t, which is 0 at some teacher "
             f"timesteps {t.tolist()}: draw t away from the clean end"
@@ -147,6 +149,8 @@ def sample_distillation_timesteps(
 
     Raises:
         ValueError: if ``batch < 1`` or the range is empty or leaves the schedule.
+        TypeError: for a float range on a discrete schedule (``t_range`` is in schedule
+            units, e.g. ``(20, 980)``, not fractions).
 
     Examples:
         >>> from addkit.schedules import VPSchedule
@@ -158,18 +162,19 @@ def sample_distillation_timesteps(
     fn = "sample_distillation_timesteps"
     if batch < 1:
         raise ValueError(f"{fn}: batch must be >= 1, got {batch}")
-    discrete = bool(getattr(schedule, "is_discrete", True))
-    top = float(schedule.num_train_timesteps - 1) if discrete else 1.0
+    check_schedule(fn, schedule)
+    discrete = schedule.is_discrete
     if t_range is None:
         lo, hi = DEFAULT_T_FRACTION
-        t_range = (round(lo * (top + 1)), round(hi * (top + 1))) if discrete else (lo, hi)
-    lo, hi = t_range
-    if not (0 <= lo <= hi <= top):
-        raise ValueError(f"{fn}: t_range must satisfy 0 <= low <= high <= {top:g}, got {t_range}")
+        T = schedule.num_train_timesteps
+        t_range = (round(lo * T), round(hi * T)) if discrete else (lo, hi)
+    low, high = schedule.t_range
+    lo, hi = check_time_values(fn, schedule, list(t_range), name="t_range")
+    if not lo <= hi:
+        raise ValueError(f"{fn}: t_range must satisfy {low} <= low <= high <= {high}, got {t_range}")
     if discrete:
-        return torch.randint(int(lo), int(hi) + 1, (batch,), generator=generator, device=device)
-    u = torch.rand(batch, generator=generator, device=device)
-    return lo + (hi - lo) * u
+        return randint(int(lo), int(hi) + 1, (batch,), device=device, generator=generator)
+    return lo + (hi - lo) * rand((batch,), device=device, generator=generator)
 
 
 def _distance(fn: str, distance: Distance, a: Tensor, b: Tensor) -> Tensor:
@@ -219,7 +224,7 @@ def _nfsd_target(
 
 def distillation_loss(
     student_x0: Tensor,
-    teacher: Any,
+    teacher: Teacher,
     t: Tensor,
     noise: Tensor,
     *,
@@ -308,6 +313,12 @@ def distillation_loss(
     schedule = schedule if schedule is not None else getattr(teacher, "schedule", None)
     if schedule is None:
         raise ValueError(f"{fn}: pass schedule=... (the teacher has no .schedule attribute)")
+    check_schedule(fn, schedule)
+    if not callable(getattr(teacher, "predict", None)):
+        raise TypeError(
+            f"{fn}: teacher must satisfy addkit.typing.Teacher (a predict(x_t, t, target=..., "
+            f"guidance_scale=..., uncond=..., **cond) method, e.g. addkit.wrap(...)), got {type(teacher).__name__}"
+        )
     if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] != student_x0.shape[0]:
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{fn}: t must be a tensor of shape ({student_x0.shape[0]},), got {got}")
@@ -318,12 +329,11 @@ def distillation_loss(
     with torch.no_grad():
         x_t = (alpha * student_x0.detach() + sigma * noise).to(student_x0.dtype)
         if weighting == "nfsd":
-            if bool((alpha <= 0).any()):
+            if checking_values() and bool((alpha <= 0).any()):
                 raise ValueError(f"{fn}: weighting='nfsd' divides by alpha_t, which is 0 at some t")
-            discrete = bool(getattr(schedule, "is_discrete", True))
-            threshold = nfsd_threshold if nfsd_threshold is not None else (
-                0.2 * schedule.num_train_timesteps if discrete else 0.2
-            )
+            low, high = schedule.t_range
+            span = schedule.num_train_timesteps if schedule.is_discrete else high - low
+            threshold = nfsd_threshold if nfsd_threshold is not None else low + 0.2 * span
             target = _nfsd_target(
                 fn, teacher, x_t, t, student_x0, alpha, sigma, cond=cond, uncond=uncond,
                 negative_cond=negative_cond, guidance_scale=guidance_scale, threshold=threshold,

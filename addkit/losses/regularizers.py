@@ -20,21 +20,34 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from addkit._checks import check_floating, check_positive
+from addkit._checks import check_choice, check_floating, check_positive
+from addkit._random import randn
 from addkit._reduce import reduce_loss
+from addkit._unwrap import unwrap_module
 from addkit.losses._heads import as_heads, sum_all
-from addkit.losses.adversarial import HeadLogits
-from addkit.typing import Reduction
+from addkit.typing import Discriminator, HeadLogits, Reduction
 
-__all__ = ["LazyRegularizer", "approximate_r1", "r1_context", "r1_penalty", "r1_penalty_images"]
+__all__ = [
+    "ApproximateR1",
+    "LazyRegularizer",
+    "R1Features",
+    "R1Images",
+    "R1Placement",
+    "R1Regularizer",
+    "approximate_r1",
+    "r1_context",
+    "r1_penalty",
+    "r1_penalty_images",
+    "r1_regularizer",
+]
 
 
 def _as_inputs(fn: str, real_inputs: Tensor | Sequence[Tensor], batch: int) -> list[Tensor]:
@@ -56,8 +69,7 @@ def _as_inputs(fn: str, real_inputs: Tensor | Sequence[Tensor], batch: int) -> l
             )
         if x.ndim == 0 or x.shape[0] != batch:
             raise ValueError(
-                f"{fn}: {label} must have batch size {batch} like real_logits, "
-                f"got shape {tuple(x.shape)}"
+                f"{fn}: {label} must have batch size {batch} like real_logits, got shape {tuple(x.shape)}"
             )
     return [x for _, x in labelled]
 
@@ -197,11 +209,18 @@ def r1_penalty_images(
     References:
         Mescheder et al., arXiv 1801.04406, §4.1.
     """
-    x = check_floating("r1_penalty_images", "real_images", real_images)
-    x = x.detach().requires_grad_(True)
+    check_floating("r1_penalty_images", "real_images", real_images)
+    return _logits_and_r1_on_images(lambda x: discriminator(x, **cond), real_images, reduction)[1]
+
+
+def _logits_and_r1_on_images(
+    call: Callable[[Tensor], HeadLogits], real: Tensor, reduction: Reduction = "mean"
+) -> tuple[HeadLogits, Tensor]:
+    """``call`` on a copy of ``real`` that requires grad, under math attention; logits and R1."""
+    x = real.detach().requires_grad_(True)
     with r1_context():
-        logits = discriminator(x, **cond)
-        return r1_penalty(logits, x, reduction=reduction)
+        logits = call(x)
+        return logits, r1_penalty(logits, x, reduction=reduction)
 
 
 def approximate_r1(
@@ -239,7 +258,8 @@ def approximate_r1(
             heads), higher = real.
         real: real samples ``[B, ...]``.
         sigma: standard deviation of the perturbation (APT: 0.01 images, 0.1 video).
-        generator: random generator for the noise (``None``: the global one).
+        generator: random generator for the noise (``None``: the global one); the noise is
+            drawn on its device and moved to ``real``'s.
         reduction: ``"mean"`` or ``"sum"`` over the batch, or ``"none"`` for ``[B]``.
         real_logits: ``discriminator(real, **cond)`` if already computed (saves a forward).
         **cond: conditioning passed to both discriminator calls.
@@ -266,7 +286,7 @@ def approximate_r1(
     check_positive(fn, "sigma", sigma)
     if real_logits is None:
         real_logits = discriminator(real, **cond)
-    noise = torch.randn(real.shape, generator=generator, dtype=real.dtype, device=real.device)
+    noise = randn(tuple(real.shape), device=real.device, dtype=real.dtype, generator=generator)
     clean = as_heads(fn, "real_logits", real_logits)
     noisy = as_heads(fn, "perturbed logits", discriminator(real + sigma * noise, **cond))
     if [h.shape for h in clean] != [h.shape for h in noisy]:
@@ -323,10 +343,241 @@ class LazyRegularizer:
         """The factor to multiply the penalty by on the steps it is applied: ``interval``."""
         return float(self.interval)
 
-    def due(self, step: int) -> bool:
-        """Whether the penalty is applied at ``step`` (a non-negative integer)."""
-        _check_count("LazyRegularizer.due", "step", step, minimum=0)
+    def due(self, step: int | None) -> bool:
+        """Whether the penalty is applied at ``step`` (a non-negative integer).
+
+        ``step`` may be ``None`` only with ``interval == 1`` (every step is due).
+
+        Raises:
+            ValueError: if ``step`` is ``None`` with an interval above 1 (the penalty would be
+                applied, scaled by the interval, on every call), or negative.
+            TypeError: if ``step`` is not an int.
+        """
+        fn = "LazyRegularizer.due"
+        if step is None:
+            if self.interval > 1:
+                raise ValueError(
+                    f"{fn}: step is required with interval={self.interval} (pass the training step, "
+                    f"e.g. discriminator_loss(..., step=step)); without it the penalty would be applied, "
+                    f"scaled by {self.interval}, on every call"
+                )
+            return True
+        _check_count(fn, "step", step, minimum=0)
         return step % self.interval == 0
 
     def __repr__(self) -> str:
         return f"LazyRegularizer(interval={self.interval})"
+
+
+# -- R1 placements: where the penalty is taken, as small callables ---------------------------
+
+R1Placement = Literal["features", "images", "approximate"]
+"""Where R1 is taken: the heads' input features (ADD), the images (exact), APT's approximation."""
+
+
+@runtime_checkable
+class R1Regularizer(Protocol):
+    """One R1 placement: the discriminator's logits on real samples and their penalty.
+
+    ``reg(discriminator, real, generator=..., feature_kwargs=..., **cond) -> (logits, r1)``
+    returns the per-head real logits (reused for the adversarial loss, so the real forward
+    runs once) and the batch-mean penalty. ``default_gamma`` is the weight its source uses.
+    """
+
+    default_gamma: float
+
+    def __call__(
+        self,
+        discriminator: Discriminator,
+        real: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
+        **cond: Any,
+    ) -> tuple[HeadLogits, Tensor]:
+        """Real logits per head and the penalty (a scalar)."""
+        ...
+
+
+class R1Features:
+    """R1 w.r.t. the frozen features fed to the heads (ADD §3.2; $\\gamma = 10^{-5}$).
+
+    Calls ``discriminator.extract(real)`` (through a DDP-style wrapper's ``.module``), makes
+    the features leaves that require grad, runs the heads through
+    ``discriminator(features=...)`` (so a DDP wrapper synchronises the heads' gradients) and
+    differentiates w.r.t. the features: the double backward never enters the feature network.
+
+    Examples:
+        >>> from addkit.discriminators import ProjectedDiscriminator, TappedFeatures
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4))
+        >>> D = ProjectedDiscriminator(TappedFeatures(net, ["0"], resolution=16))
+        >>> logits, r1 = R1Features()(D, torch.rand(2, 3, 16, 16))
+        >>> r1.shape
+        torch.Size([])
+    """
+
+    default_gamma = 1e-5
+
+    def __call__(
+        self,
+        discriminator: Discriminator,
+        real: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
+        **cond: Any,
+    ) -> tuple[HeadLogits, Tensor]:
+        extract = getattr(unwrap_module(discriminator), "extract", None)
+        if not callable(extract):
+            raise TypeError(
+                f"R1Features: the discriminator must have extract(images) and accept features=... "
+                f"(addkit.typing.Discriminator, e.g. ProjectedDiscriminator), got {type(discriminator).__name__}; "
+                f"use R1Images or ApproximateR1 (r1_placement='images' or 'approximate') for other discriminators"
+            )
+        feats = [
+            f.detach().requires_grad_(True)
+            for f in extract(real, generator=generator, **(feature_kwargs or {}))
+        ]
+        logits = discriminator(features=feats, per_head=True, **cond)
+        return logits, r1_penalty(logits, feats)
+
+    def __repr__(self) -> str:
+        return "R1Features()"
+
+
+class R1Images:
+    """Exact R1 w.r.t. the images: the double backward runs through the feature network.
+
+    Runs under [`r1_context`][addkit.losses.regularizers.r1_context] (math attention); see
+    [`r1_penalty_images`][addkit.losses.regularizers.r1_penalty_images].
+
+    Examples:
+        >>> d = lambda x, per_head=True, generator=None: x.flatten(1)[:, :2]
+        >>> R1Images()(d, torch.rand(3, 4))[1]   # each sample: two unit gradients
+        tensor(2.)
+    """
+
+    default_gamma = 1e-5
+
+    def __call__(
+        self,
+        discriminator: Discriminator,
+        real: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
+        **cond: Any,
+    ) -> tuple[HeadLogits, Tensor]:
+        fk = dict(feature_kwargs or {})
+        return _logits_and_r1_on_images(
+            lambda x: discriminator(x, per_head=True, generator=generator, **cond, **fk), real
+        )
+
+    def __repr__(self) -> str:
+        return "R1Images()"
+
+
+class ApproximateR1:
+    """APT's first-order R1 ([`approximate_r1`][addkit.losses.regularizers.approximate_r1]; $\\gamma = 100$).
+
+    Both discriminator calls (clean and perturbed) see the same augmentation: each gets a
+    generator in the same state as ``generator`` (the default generator of ``real``'s device
+    without one); afterwards the caller's generator is advanced past those draws and then
+    draws the perturbation, so no two draws share random numbers. Reads no device value.
+
+    Args:
+        sigma: standard deviation of the perturbation (APT: 0.01 for images).
+
+    Raises:
+        ValueError: for a non-positive ``sigma``.
+
+    Examples:
+        >>> d = lambda x, per_head=True, generator=None: x.flatten(1)[:, :2]
+        >>> _, r1 = ApproximateR1(sigma=0.01)(d, torch.rand(3, 4), generator=torch.Generator().manual_seed(0))
+        >>> bool(r1 > 0)
+        True
+    """
+
+    default_gamma = 100.0
+
+    def __init__(self, sigma: float = 0.01) -> None:
+        self.sigma = float(check_positive("ApproximateR1", "sigma", sigma))
+
+    def __call__(
+        self,
+        discriminator: Discriminator,
+        real: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        feature_kwargs: Mapping[str, Any] | None = None,
+        **cond: Any,
+    ) -> tuple[HeadLogits, Tensor]:
+        fk = dict(feature_kwargs or {})
+        source = generator if generator is not None else _default_generator(real.device)
+        state = source.get_state()
+        clean, perturbed = (_generator_at(source, state) for _ in range(2))
+
+        def call(x: Tensor, g: torch.Generator) -> HeadLogits:
+            return discriminator(x, per_head=True, generator=g, **cond, **fk)
+
+        logits = call(real, clean)
+        source.set_state(clean.get_state())  # past the augmentation draws
+        r1 = approximate_r1(
+            lambda x: call(x, perturbed), real, sigma=self.sigma, generator=source, real_logits=logits
+        )
+        return logits, r1
+
+    def __repr__(self) -> str:
+        return f"ApproximateR1(sigma={self.sigma})"
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    if device.type == "cpu":
+        return torch.default_generator
+    raise ValueError(f"ApproximateR1: pass generator=... for samples on {device}")
+
+
+def _generator_at(source: torch.Generator, state: Tensor) -> torch.Generator:
+    g = torch.Generator(device=source.device)
+    g.set_state(state)
+    return g
+
+
+_PLACEMENTS: dict[str, Callable[..., R1Regularizer]] = {
+    "features": R1Features,
+    "images": R1Images,
+    "approximate": ApproximateR1,
+}
+
+
+def r1_regularizer(placement: R1Placement | R1Regularizer, *, sigma: float = 0.01) -> R1Regularizer:
+    """The R1 placement named ``placement`` (or ``placement`` itself when it is a regulariser).
+
+    Args:
+        placement: ``"features"`` ([`R1Features`][addkit.losses.regularizers.R1Features]),
+            ``"images"`` ([`R1Images`][addkit.losses.regularizers.R1Images]),
+            ``"approximate"`` ([`ApproximateR1`][addkit.losses.regularizers.ApproximateR1]), or
+            any [`R1Regularizer`][addkit.losses.regularizers.R1Regularizer].
+        sigma: the perturbation of ``"approximate"``.
+
+    Raises:
+        ValueError: for an unknown name.
+        TypeError: for an object that is not callable or has no ``default_gamma``.
+
+    Examples:
+        >>> r1_regularizer("approximate", sigma=0.05)
+        ApproximateR1(sigma=0.05)
+    """
+    fn = "r1_regularizer"
+    if isinstance(placement, str):
+        check_choice(fn, "placement", placement, tuple(_PLACEMENTS))
+        return ApproximateR1(sigma) if placement == "approximate" else _PLACEMENTS[placement]()
+    if not callable(placement) or not hasattr(placement, "default_gamma"):
+        raise TypeError(
+            f"{fn}: placement must be one of {tuple(_PLACEMENTS)} or an R1Regularizer "
+            f"(callable with a default_gamma), got {type(placement).__name__}"
+        )
+    return placement

@@ -50,7 +50,6 @@ from addkit.sampling._static import (
 )
 from addkit.sampling.renoise import Renoise, renoise_coefficients
 from addkit.sampling.sampler import (
-    DEFAULT_TIMESTEPS,
     Noises,
     _check_config,
     _check_noise,
@@ -58,6 +57,7 @@ from addkit.sampling.sampler import (
     _draw_noises,
     _run_loop,
 )
+from addkit.typing import Schedule
 
 __all__ = ["COMPILE_MODES", "CUDAGraphSampler", "EagerFallbackWarning"]
 
@@ -93,7 +93,8 @@ class CUDAGraphSampler:
         denoiser: anything with ``x0(x_t, t, **cond)``, capturable (no host synchronisation).
             Not copied: weights updated in place are seen by the next replay.
         schedule: the student's schedule.
-        timesteps: student timesteps, noisiest first (ADD's ``(999, 749, 499, 249)``).
+        timesteps: student timesteps, noisiest first; ``None`` for
+            ``schedule.timesteps(4, "trailing")`` (ADD's ``(999, 749, 499, 249)`` for VP).
         renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
         decode: optional ``decode(x0) -> images`` run inside the graph (e.g.
             ``lambda z: vae.decode(z / vae.config.scaling_factor).sample``).
@@ -123,8 +124,8 @@ class CUDAGraphSampler:
         self,
         denoiser: Any,
         *,
-        schedule: Any,
-        timesteps: Sequence[int | float] | Tensor = DEFAULT_TIMESTEPS,
+        schedule: Schedule,
+        timesteps: Sequence[int | float] | Tensor | None = None,
         renoise: Renoise = "fresh",
         decode: Callable[[Tensor], Tensor] | None = None,
         max_graphs: int = 4,

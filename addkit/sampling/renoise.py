@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from addkit._checks import check_choice
+from addkit._time import host_time_tensor
 from addkit.sampling._plan import check_schedule, check_timesteps
 
 __all__ = ["Renoise", "renoise_coefficients", "renoise_step"]
@@ -76,8 +77,7 @@ def renoise_coefficients(
     check_choice(fn, "renoise", renoise, RENOISE)
     check_schedule(fn, schedule)
     values = check_timesteps(fn, schedule, timesteps)
-    discrete = getattr(schedule, "is_discrete", True)
-    t = torch.tensor(values, dtype=torch.long if discrete else torch.float64)
+    t = host_time_tensor(schedule, values)
     alpha = torch.as_tensor(schedule.alpha(t), dtype=torch.float64).cpu()
     sigma = torch.as_tensor(schedule.sigma(t), dtype=torch.float64).cpu()
     a, s, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]

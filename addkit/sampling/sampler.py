@@ -34,12 +34,15 @@ from torch import Tensor, nn
 from addkit._checks import check_choice, check_floating, check_same_shape
 from addkit.sampling._plan import Plan, check_denoiser, check_schedule, check_timesteps, make_plan
 from addkit.sampling.renoise import RENOISE, Renoise, renoise_coefficients, renoise_step
+from addkit.typing import Schedule
 
 __all__ = ["DEFAULT_TIMESTEPS", "FewStepSampler", "sample"]
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (999, 749, 499, 249)
-"""ADD's student timesteps: diffusers' ``"trailing"`` spacing of 4 steps for $T = 1000$
-(ADD §3.1 states only the largest, 999; the others are unverified, see the guide)."""
+"""ADD's student timesteps on a 1000-step VP schedule: diffusers' ``"trailing"`` spacing of 4
+steps (ADD §3.1 states only the largest, 999; the others are our reading, see the guide).
+The samplers' default is ``schedule.timesteps(4, "trailing")``, which is this for a VP
+schedule and ``(1.0, 0.75, 0.5, 0.25)`` for rectified flow."""
 
 Callback = Callable[[int, Any, Tensor, Tensor], None]
 Noises = Tensor | Sequence[Tensor]
@@ -115,8 +118,8 @@ def sample(
     denoiser: Any,
     noise: Tensor,
     *,
-    schedule: Any,
-    timesteps: Sequence[int | float] | Tensor = DEFAULT_TIMESTEPS,
+    schedule: Schedule,
+    timesteps: Sequence[int | float] | Tensor | None = None,
     renoise: Renoise = "fresh",
     generator: torch.Generator | None = None,
     noises: Noises | None = None,
@@ -136,17 +139,20 @@ def sample(
     $\\sigma^{\\mathrm{VE}}_{\\max}$): pass ``noise = schedule.sigma(t_0) * latents`` to reproduce a
     pipeline called with ``latents=latents``.
 
-    Gradients flow through the loop unless you call it under ``torch.no_grad()``.
+    Gradients flow through the loop unless you call it under ``torch.no_grad()``. The call
+    reads no tensor value back to the host (checks use metadata and the Python timesteps), so
+    it never synchronises with the device.
 
     Args:
         denoiser: anything with ``x0(x_t, t, **cond)``, e.g. ``addkit.wrap(unet, schedule,
             "eps")``; ``t`` arrives as a ``[B]`` tensor on ``noise``'s device.
         noise: the first input $x_{t_0}$, ``[B, ...]``; its dtype is the loop's dtype (the
             re-noising arithmetic runs in at least float32).
-        schedule: the student's schedule (``alpha``, ``sigma``, ``is_discrete``).
+        schedule: the student's schedule (any [`Schedule`][addkit.typing.Schedule]).
         timesteps: student timesteps, strictly decreasing (integers for a VP schedule,
-            ``(0, 1]`` for a flow schedule). ADD: ``(999, 749, 499, 249)``; take the first
-            ``n`` or ``schedule.timesteps(n)`` for fewer steps.
+            ``(0, 1]`` for a flow schedule). ``None``: ``schedule.timesteps(4, "trailing")``,
+            ADD's ``(999, 749, 499, 249)`` for VP, ``(1.0, 0.75, 0.5, 0.25)`` for flow; pass
+            ``schedule.timesteps(n)`` for ``n`` steps.
         renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
         generator: draws the re-noising noise (all steps in one draw of shape
             ``[n - 1, *noise.shape]``); ignored when ``noises`` is given.
@@ -199,7 +205,8 @@ class FewStepSampler(nn.Module):
         denoiser: anything with ``x0(x_t, t, **cond)``; registered as a submodule when it
             is an ``nn.Module``.
         schedule: the student's schedule.
-        timesteps: student timesteps, noisiest first (ADD's ``(999, 749, 499, 249)``).
+        timesteps: student timesteps, noisiest first; ``None`` for
+            ``schedule.timesteps(4, "trailing")``.
         renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
         decode: optional ``decode(x0) -> images`` applied to the result (e.g. a VAE decode).
 
@@ -220,8 +227,8 @@ class FewStepSampler(nn.Module):
         self,
         denoiser: Any,
         *,
-        schedule: Any,
-        timesteps: Sequence[int | float] | Tensor = DEFAULT_TIMESTEPS,
+        schedule: Schedule,
+        timesteps: Sequence[int | float] | Tensor | None = None,
         renoise: Renoise = "fresh",
         decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:

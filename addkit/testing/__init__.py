@@ -11,9 +11,12 @@ this package.
 - [`text`][addkit.testing.text]: an offline character-level CLIP tokenizer and CLIP text
   encoders;
 - [`pipelines`][addkit.testing.pipelines]: a tiny ``StableDiffusionXLPipeline`` and the
-  conditioning it builds for a prompt.
+  conditioning it builds for a prompt;
+- [`host_reads`][addkit.testing.host_reads]: count the tensor-to-host reads (device
+  synchronisations) a block of code makes.
 """
 
+from addkit.testing.host_reads import HostRead, HostReads, count_host_reads
 from addkit.testing.models import (
     tiny_dinov2,
     tiny_dinov2_kwargs,
@@ -27,6 +30,9 @@ from addkit.testing.pipelines import sdxl_condition, tiny_sdxl_components, tiny_
 from addkit.testing.text import tiny_clip_text_encoder, tiny_clip_tokenizer
 
 __all__ = [
+    "HostRead",
+    "HostReads",
+    "count_host_reads",
     "sdxl_condition",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",

@@ -2,7 +2,7 @@
 
 Both start from pure noise at $t = 999$ (trailing spacing) and ask the denoiser only for
 $\\hat x_0$ (addkit's one currency). DDIM re-noises deterministically with the predicted
-noise; the student re-noises with fresh noise (ADD §3, SPEC §6) through addkit's sampler.
+noise; the student re-noises with fresh noise (ADD §3) through addkit's sampler.
 """
 
 from __future__ import annotations

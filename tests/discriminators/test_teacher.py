@@ -125,7 +125,7 @@ def test_sample_t_discrete_and_continuous() -> None:
 
 def test_bad_inputs() -> None:
     net = _TokenNet(4)
-    with pytest.raises(TypeError, match="TeacherFeatures: schedule must have add_noise"):
+    with pytest.raises(TypeError, match="TeacherFeatures: schedule must satisfy addkit.typing.Schedule"):
         TeacherFeatures(net, object(), ["blocks.0"], channels=[24])
     with pytest.raises(
         ValueError, match=r"TeacherFeatures: taps\[1\]='blocks.9' is not a submodule of _TokenNet"
@@ -136,7 +136,7 @@ def test_bad_inputs() -> None:
     ):
         TeacherFeatures(net, FlowSchedule(), ["blocks.0", "blocks.1"], channels=[24])
     with pytest.raises(
-        TypeError, match="TeacherFeatures: t must be an integer timestep for a discrete schedule"
+        TypeError, match="TeacherFeatures: t must be integers for a discrete schedule"
     ):
         TeacherFeatures(net, VPSchedule.scaled_linear(), ["blocks.0"], channels=[24], t=0.5)
     feats = TeacherFeatures(net, FlowSchedule(), ["blocks.0"], channels=[24])

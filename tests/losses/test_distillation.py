@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from addkit.checks import value_checks
 from addkit.denoisers import WrappedDenoiser, wrap
 from addkit.losses import distillation_loss, distillation_weight, sample_distillation_timesteps
 from addkit.schedules import FlowSchedule, VPSchedule
@@ -217,8 +218,10 @@ def test_bad_inputs_raise_clear_errors(setup) -> None:
         distillation_loss(x0, teacher, t, noise, weighting="sdss")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="t must be a tensor of shape"):
         distillation_loss(x0, teacher, t[:2], noise)
-    with pytest.raises(ValueError, match=r"\[0, 999\]|999"):
+    with value_checks(), pytest.raises(ValueError, match=r"t must lie in \[0, 999\], got range \[20, 1000\]"):
         distillation_loss(x0, teacher, torch.tensor([20, 150, 400, 700, 1000]), noise)
+    with pytest.raises(TypeError, match=r"t must be an integer tensor for a discrete schedule"):
+        distillation_loss(x0, teacher, torch.tensor([20.0, 150, 400, 700, 900]), noise)
     with pytest.raises(ValueError, match="needs uncond"):
         distillation_loss(x0, teacher, t, noise, weighting="nfsd")
     with pytest.raises(ValueError, match="needs decode"):
@@ -227,7 +230,9 @@ def test_bad_inputs_raise_clear_errors(setup) -> None:
         distillation_loss(x0, teacher, t, noise, guidance_scale=3.0)
     with pytest.raises(ValueError, match="one weight per sample"):
         distillation_loss(x0, teacher, t, noise, weighting=lambda t, a, s: a[:1])
-    with pytest.raises(ValueError, match="divides by sigma"):
-        distillation_loss(x0, _teacher_of(torch.sin, FlowSchedule(), "x0"), torch.zeros(5), noise, weighting="sds")
+    sin_teacher = _teacher_of(lambda x, t: torch.sin(x), FlowSchedule(), "x0")
+    assert not torch.isfinite(distillation_loss(x0, sin_teacher, torch.zeros(5), noise, weighting="sds"))
+    with value_checks(), pytest.raises(ValueError, match="divides by sigma"):
+        distillation_loss(x0, sin_teacher, torch.zeros(5), noise, weighting="sds")
     with pytest.raises(TypeError, match="floating-point"):
         distillation_loss(x0.long(), teacher, t, noise)

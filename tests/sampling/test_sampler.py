@@ -180,7 +180,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     noise = torch.randn(2, 4)
     with pytest.raises(TypeError, match=r"sample: denoiser must have a method x0\(x_t, t, \*\*cond\)"):
         sample(lambda x, t: x, noise, schedule=vp)
-    with pytest.raises(TypeError, match="sample: schedule must have alpha"):
+    with pytest.raises(TypeError, match="sample: schedule must satisfy addkit.typing.Schedule"):
         sample(d, noise, schedule=None)
     with pytest.raises(
         TypeError, match="sample: noise must be a floating-point tensor, got dtype torch.int64"
@@ -195,7 +195,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\], got \(1000,\)"):
         sample(d, noise, schedule=vp, timesteps=(1000,))
     with pytest.raises(
-        TypeError, match="timesteps must be integers for a discrete schedule, got \\(999.0,\\)"
+        TypeError, match="timesteps must be integers for a discrete schedule .*got \\(999.0,\\)"
     ):
         sample(d, noise, schedule=vp, timesteps=(999.0,))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0.0, 1.0\], got \(2.0,\)"):
