@@ -143,6 +143,9 @@ def test_discriminator_loss_hinge_and_r1_on_features(parts) -> None:
     loss.backward()
     assert all(p.grad is not None for p in D.heads.parameters())
     assert all(p.grad is None for p in D.features.parameters())
+    assert "d/r1" not in obj.discriminator_loss(real, fake, c_text=text, c_image=c_img, step=9)[1]
+    with pytest.raises(ValueError, match=r"step is required with interval=4"):
+        obj.discriminator_loss(real, fake, c_text=text, c_image=c_img)
     _, lazy_logs = obj.discriminator_loss(real, fake, c_text=text, c_image=c_img, step=9)
     assert "d/r1" not in lazy_logs
     for key in ("d/adv", "d/logits_real", "d/logits_fake", "d/real_acc", "d/fake_acc", "d/total"):

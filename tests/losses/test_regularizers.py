@@ -9,6 +9,10 @@ from torch import nn
 
 from addkit.checks import value_checks
 from addkit.losses import (
+    ApproximateR1,
+    R1Features,
+    R1Images,
+    r1_regularizer,
     LazyRegularizer,
     approximate_r1,
     r1_context,
@@ -187,6 +191,66 @@ def test_approximate_r1_passes_conditioning():
     torch.testing.assert_close(two, 4 * one)
 
 
+def test_approximate_r1_draws_on_the_generators_device():
+    # Data on another device than the generator: the noise is drawn with the generator (which
+    # advances exactly as one draw of that shape) and moved. On "meta" data a draw made on the
+    # data's device would leave the CPU generator untouched.
+    d = lambda x: x.flatten(1)[:, :2]  # noqa: E731
+    g, ref = _gen(5), _gen(5)
+    approximate_r1(d, torch.empty(2, 3, 4, device="meta"), generator=g)
+    torch.randn(2, 3, 4, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.cuda
+def test_approximate_r1_cpu_generator_with_cuda_data():
+    d = lambda x: x.flatten(1)[:, :2] * 3  # noqa: E731
+    real = torch.randn(2, 3, 4, device="cuda")
+    got = approximate_r1(d, real, sigma=0.1, generator=_gen(7), reduction="none")
+    noise = torch.randn(2, 3, 4, generator=_gen(7)).cuda()
+    want = (d(real) - d(real + 0.1 * noise)).square().sum(1)
+    torch.testing.assert_close(got, want)
+
+
+def test_approximate_r1_object_same_augmentation_then_fresh_noise():
+    seen: list[torch.Tensor] = []
+
+    def d(x, per_head=True, generator=None):
+        shift = torch.rand(x.shape[0], 1, generator=generator)  # the "augmentation"
+        seen.append(shift)
+        return [x.flatten(1)[:, :2] + shift]
+
+    real = torch.randn(3, 4)
+    g = _gen(11)
+    logits, r1 = ApproximateR1(sigma=0.01)(d, real, generator=g)
+    assert torch.equal(seen[0], seen[1])  # clean and perturbed calls: same augmentation
+    # the caller's generator moved past the augmentation draw, then drew the perturbation
+    ref = _gen(11)
+    torch.rand(3, 1, generator=ref)
+    noise = torch.randn(3, 4, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    torch.testing.assert_close(r1, (0.01 * noise[:, :2]).square().sum(1).mean())
+    # and next time the augmentation differs
+    ApproximateR1()(d, real, generator=g)
+    assert not torch.equal(seen[2], seen[0])
+
+
+def test_r1_objects_match_the_functions():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    d = lambda x, per_head=True, generator=None: [net(x)]  # noqa: E731
+    real = torch.randn(2, 3, 2, 2)
+    _, r1 = R1Images()(d, real)
+    torch.testing.assert_close(r1, r1_penalty_images(lambda x: net(x), real))
+    assert r1_regularizer("features").default_gamma == 1e-5
+    assert r1_regularizer("approximate", sigma=0.2).sigma == 0.2
+    reg = R1Images()
+    assert r1_regularizer(reg) is reg
+    with pytest.raises(ValueError, match="r1_regularizer: placement must be one of 'features'"):
+        r1_regularizer("pixels")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="R1Features: the discriminator must have extract"):
+        R1Features()(d, real)
+
+
 # --- lazy regularisation ------------------------------------------------------------------
 
 
@@ -210,6 +274,9 @@ def test_lazy_regularizer_bad_arguments():
         ValueError, match=r"LazyRegularizer\.due: step must be an integer >= 0, got -1"
     ):
         LazyRegularizer().due(-1)
+    with pytest.raises(ValueError, match=r"LazyRegularizer\.due: step is required with interval=16"):
+        LazyRegularizer(16).due(None)
+    assert LazyRegularizer(1).due(None)
 
 
 # --- bad inputs ---------------------------------------------------------------------------
