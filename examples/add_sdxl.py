@@ -34,11 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe's helper modules beside it
-
 import add_sdxl_data as data
 import add_sdxl_tiny as tiny
-
 import addkit
 from addkit.denoisers import DiffusersUNetAdapter, WrappedDenoiser
 from addkit.objective import ADDObjective
@@ -308,7 +305,6 @@ def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.Proj
         augment = addkit.DiffAugment()
         if args.preset == "tiny":
             return addkit.ProjectedDiscriminator.from_dinov2(
-                "vit_small_patch14_dinov2",
                 c_text_dim=pooled_dim,
                 c_image_dim=c_image_dim,
                 augment=augment,
