@@ -27,16 +27,12 @@ from typing import Any
 
 import torch
 
+import _runner
+from _common import finish, time_fn
+from _memory import peak_memory
 from addkit.discriminators import ProjectedDiscriminator
 from addkit.losses import LazyRegularizer, approximate_r1, hinge_d_loss, r1_context, r1_penalty
-
-if __package__ in (None, ""):  # run as a script: make the sibling helpers importable
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runner  # noqa: E402
-from _common import finish, time_fn  # noqa: E402
-from _memory import peak_memory  # noqa: E402
+from addkit.testing import tiny_dinov2_kwargs
 
 NAME = "adversarial"
 NAIVE = "r1_images"
@@ -59,9 +55,7 @@ FULL = Config(batch=8, resolution=224, vit={}, cond_dim=1024)
 QUICK = Config(
     batch=4, resolution=112, vit={"depth": 12, "embed_dim": 96, "num_heads": 3}, cond_dim=64, min_run_time=0.4
 )
-TINY = Config(
-    batch=2, resolution=28, vit={"depth": 2, "embed_dim": 32, "num_heads": 2}, cond_dim=8, min_run_time=0.05
-)
+TINY = Config(batch=2, resolution=28, vit=tiny_dinov2_kwargs()["model_kwargs"], cond_dim=8, min_run_time=0.05)
 
 
 def _discriminator(cfg: Config, device: torch.device) -> ProjectedDiscriminator:

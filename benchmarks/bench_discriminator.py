@@ -28,16 +28,12 @@ from typing import Any
 
 import torch
 
+import _runner
+from _common import finish, time_fn
+from _memory import peak_memory
 from addkit.discriminators import ProjectedDiscriminator
 from addkit.losses import hinge_d_loss, hinge_g_loss
-
-if __package__ in (None, ""):  # run as a script: make the sibling helpers importable
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runner  # noqa: E402
-from _common import finish, time_fn  # noqa: E402
-from _memory import peak_memory  # noqa: E402
+from addkit.testing import tiny_dinov2_kwargs
 
 NAME = "discriminator"
 PATHS = ("fake", "real", "real_naive")
@@ -62,7 +58,7 @@ QUICK = Config(
 TINY = Config(
     batch=2,
     resolutions=(28,),
-    vit={"depth": 2, "embed_dim": 32, "num_heads": 2},
+    vit=tiny_dinov2_kwargs()["model_kwargs"],
     layouts=("contiguous",),
     min_run_time=0.05,
 )
@@ -82,7 +78,7 @@ def make_step(
         x = images.detach().requires_grad_(True)
         with amp:
             loss = hinge_g_loss(D(x, per_head=True))
-        (grad,) = torch.autograd.grad(loss, x)
+        torch.autograd.grad(loss, x)
 
     def real() -> None:  # discriminator step: ViT without a graph, heads differentiated
         with amp:

@@ -25,17 +25,13 @@ from typing import Any
 
 import torch
 
+import _runner
+from _common import finish, time_fn
+from _memory import peak_memory
 from addkit.denoisers import wrap
 from addkit.losses import distillation_loss, sample_distillation_timesteps
 from addkit.schedules import VPSchedule
-
-if __package__ in (None, ""):  # run as a script: make the sibling helpers importable
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _runner  # noqa: E402
-from _common import finish, time_fn  # noqa: E402
-from _memory import peak_memory  # noqa: E402
+from addkit.testing import tiny_sd_unet
 
 NAME = "distillation"
 NAIVE = "naive"
@@ -43,7 +39,10 @@ NAIVE = "naive"
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of one run: a diffusers ``UNet2DConditionModel`` config and the batch."""
+    """Sizes of one run: the UNet and the batch.
+
+    ``unet`` overrides the config of ``addkit.testing.tiny_sd_unet`` (empty: that tiny UNet).
+    """
 
     batch: int
     latent: int
@@ -54,27 +53,24 @@ class Config:
     min_run_time: float = 1.0
 
 
-FULL = Config(batch=4, latent=64, unet={"cross_attention_dim": 768}, dtype="bf16")
-_SMALL_UNET = {
-    "block_out_channels": (32, 64),
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
+SD15_UNET: dict[str, Any] = {  # SD 1.5's architecture (diffusers' UNet2DConditionModel defaults)
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "layers_per_block": 2,
     "attention_head_dim": 8,
-    "norm_num_groups": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
 }
-QUICK = Config(batch=4, latent=16, unet=_SMALL_UNET, text_len=16, min_run_time=0.5)
-TINY = Config(batch=2, latent=8, unet=_SMALL_UNET, text_len=4, min_run_time=0.05)
+FULL = Config(batch=4, latent=64, unet=SD15_UNET, dtype="bf16")
+QUICK = Config(batch=4, latent=16, text_len=16, min_run_time=0.5)
+TINY = Config(batch=2, latent=8, text_len=4, min_run_time=0.05)
 
 
 def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
     """The three variants as closures over one teacher and one batch."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    net = UNet2DConditionModel(sample_size=cfg.latent, **cfg.unet).to(device, dtype).eval().requires_grad_(False)
+    net = tiny_sd_unet(sample_size=cfg.latent, **cfg.unet).to(device, dtype).requires_grad_(False)
     schedule = VPSchedule.scaled_linear()
     teacher = wrap(net, schedule, "eps")
     g = torch.Generator(device).manual_seed(0)

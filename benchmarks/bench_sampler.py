@@ -34,22 +34,18 @@ from typing import Any
 
 import torch
 
-from addkit.denoisers import wrap
-from addkit.sampling import CUDAGraphSampler, sample
-from addkit.schedules import VPSchedule
-
-if __package__ in (None, ""):  # run as a script: make the sibling helpers importable
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _runner
 from _common import finish, time_fn
 from _memory import peak_memory
+from addkit.denoisers import wrap
+from addkit.sampling import CUDAGraphSampler, sample
+from addkit.schedules import VPSchedule
+from addkit.testing import tiny_sdxl_unet, tiny_vae
 
 NAME = "sampler"
 VARIANTS = ("eager", "cuda_graph", "compile", "diffusers")
 
-SDXL_UNET: dict[str, Any] = {
+SDXL_UNET: dict[str, Any] = {  # SDXL's architecture: every entry the tiny config sets, at SDXL's value
     "block_out_channels": (320, 640, 1280),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -61,38 +57,26 @@ SDXL_UNET: dict[str, Any] = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
 }
 SDXL_VAE: dict[str, Any] = {
     "block_out_channels": (128, 256, 512, 512),
     "down_block_types": ("DownEncoderBlock2D",) * 4,
     "up_block_types": ("UpDecoderBlock2D",) * 4,
     "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
     "scaling_factor": 0.13025,
-}
-TINY_UNET: dict[str, Any] = {
-    "block_out_channels": (32, 64),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "attention_head_dim": (2, 4),
-    "cross_attention_dim": 32,
-    "norm_num_groups": 8,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 6 * 8 + 16,
-}
-TINY_VAE: dict[str, Any] = {
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
 }
 
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of one run: diffusers UNet and VAE configs, latent side, batch, what to time."""
+    """Sizes of one run: UNet and VAE, latent side, batch, what to time.
+
+    ``unet`` and ``vae`` override the configs of ``addkit.testing.tiny_sdxl_unet`` and
+    ``tiny_vae`` (empty: those tiny models).
+    """
 
     batch: int
     latent: int
@@ -110,11 +94,11 @@ class Config:
 FULL = Config(
     batch=1, latent=64, unet=SDXL_UNET, vae=SDXL_VAE, pooled_dim=1280, dtype="bf16", compile_steps=(1, 4)
 )
-QUICK = Config(
+QUICK = Config(  # addkit.testing's tiny SDXL UNet and VAE: text width 2 x 16, pooled 16
     batch=2,
     latent=8,
-    unet=TINY_UNET,
-    vae=TINY_VAE,
+    unet={},
+    vae={},
     pooled_dim=16,
     text_len=8,
     compile_steps=(1,),
@@ -124,11 +108,8 @@ TINY = dataclasses.replace(QUICK, batch=1, steps=(1, 2), decode=(False,), compil
 
 
 def _models(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=cfg.latent, **cfg.unet)
-    vae = AutoencoderKL(latent_channels=4, **cfg.vae)
+    unet = tiny_sdxl_unet(sample_size=cfg.latent, **cfg.unet)
+    vae = tiny_vae(**cfg.vae)
     cast = {} if dtype == torch.float32 else {"dtype": dtype}  # fp32: no cast (and no diffusers warning)
     return tuple(m.to(device, **cast).eval().requires_grad_(False) for m in (unet, vae))  # type: ignore[return-value]
 
@@ -160,7 +141,7 @@ def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[]
     schedule = VPSchedule.scaled_linear()
     denoiser = wrap(unet, schedule, "eps")
     g = torch.Generator(device).manual_seed(0)
-    b, side = cfg.batch, cfg.latent * 2 ** (len(cfg.vae["block_out_channels"]) - 1)
+    b, side = cfg.batch, cfg.latent * 2 ** (len(vae.config.block_out_channels) - 1)
     noise = torch.randn(b, 4, cfg.latent, cfg.latent, generator=g, device=device, dtype=dtype)
     width = unet.config.cross_attention_dim
     text = torch.randn(b, cfg.text_len, width, generator=g, device=device, dtype=dtype)

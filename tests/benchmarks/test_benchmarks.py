@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
 pytest.importorskip("timm")
-import _report  # noqa: E402
-import bench_adversarial  # noqa: E402
+import _report  # benchmarks/ is on pytest's pythonpath
+import bench_adversarial
 
 METADATA_KEYS = {"git_sha": str, "torch": str, "device_name": str}
 ROW_KEYS = {"name": str, "median_s": float, "iqr_s": float, "peak_bytes": int, "speedup_vs_naive": float}
