@@ -8,12 +8,7 @@ See ``examples/toy/`` for the parts and ``docs/results.md`` for the numbers.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from toy.study import main
+from toy.study import main  # the script's folder is on sys.path: examples/toy is importable
 
 if __name__ == "__main__":
     main()

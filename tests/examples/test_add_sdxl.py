@@ -21,9 +21,8 @@ pytest.importorskip("timm")
 pytest.importorskip("tensorboard")
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
 
-import add_sdxl
+import add_sdxl  # examples/ is on pytest's pythonpath
 import add_sdxl_data
 import sample_sdxl
 
