@@ -20,6 +20,7 @@ from torch import Tensor
 from addkit.checks import value_checks_enabled
 
 __all__ = [
+    "check_batch",
     "check_batch_vector",
     "check_choice",
     "check_finite",
@@ -50,6 +51,15 @@ def check_floating(fn: str, name: str, x: Any) -> Tensor:
     check_tensor(fn, name, x)
     if not x.is_floating_point():
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_batch(fn: str, name: str, x: Tensor) -> Tensor:
+    """Raise ``ValueError`` unless ``x`` has a batch dimension holding at least one sample."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"{fn}: {name} must have a non-empty batch dimension [B, ...] with B >= 1, got shape {_shape(x)}"
+        )
     return x
 
 

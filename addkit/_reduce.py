@@ -64,7 +64,7 @@ def reduce_loss(
         A scalar tensor, or ``[B]`` for ``reduction="none"``.
 
     Raises:
-        ValueError: for an unknown reduction or a weight of the wrong shape.
+        ValueError: for an unknown reduction, an empty batch or a weight of the wrong shape.
 
     Examples:
         >>> reduce_loss(torch.tensor([1.0, 3.0]))
@@ -74,6 +74,8 @@ def reduce_loss(
     """
     check_choice(fn, "reduction", reduction, _REDUCTIONS)
     check_batch_vector(fn, "per-sample loss", per_sample, per_sample.shape[0] if per_sample.ndim else -1)
+    if per_sample.shape[0] == 0:
+        raise ValueError(f"{fn}: the batch is empty (0 samples); a mean over it would be NaN")
     if weight is not None:
         check_batch_vector(fn, "weight", weight, per_sample.shape[0])
         per_sample = per_sample * weight.to(per_sample.dtype)

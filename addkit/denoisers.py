@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_floating
+from addkit._checks import check_floating, check_same_shape
+from addkit._reduce import append_dims
 from addkit._time import batch_time, check_schedule
 from addkit._unwrap import unwrap_chain
 from addkit.parameterization import convert, normalize_prediction
@@ -58,19 +59,39 @@ def apply_cfg(
         rescale: $\\phi \\in [0, 1]$ of Lin et al. 2023 Alg. 2 (0 = off; they recommend 0.7).
 
     Returns:
-        The guided prediction.
+        The guided prediction. Where the guided prediction of a sample is constant, the
+        rescale leaves it unchanged (the std ratio is undefined there).
+
+    Raises:
+        ValueError: for ``cond`` and ``uncond`` of different shapes (no broadcasting), a
+            ``guidance_scale`` that is neither a number nor ``[B]``, or ``rescale`` outside
+            ``[0, 1]``.
+        TypeError: for non-floating inputs.
 
     References:
         Ho & Salimans, *Classifier-Free Diffusion Guidance*, 2022.
         Lin et al., arXiv 2305.08891, §3.4, Algorithm 2.
     """
+    fn = "apply_cfg"
+    check_floating(fn, "cond", cond)
+    check_floating(fn, "uncond", uncond)
+    check_same_shape(fn, "cond", cond, "uncond", uncond)
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"{fn}: rescale must be a number in [0, 1] (0 = off, 0.7 recommended), got {rescale!r}")
     scale = torch.as_tensor(guidance_scale, dtype=cond.dtype, device=cond.device)
+    if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != cond.shape[0]):
+        raise ValueError(
+            f"{fn}: guidance_scale must be a number or have shape ({cond.shape[0]},) (one per sample), "
+            f"got shape {tuple(scale.shape)}"
+        )
     if scale.ndim == 1:
-        scale = scale.reshape(-1, *([1] * (cond.ndim - 1)))
+        scale = append_dims(scale, cond.ndim)
     guided = uncond + scale * (cond - uncond)
-    if rescale:
+    if rescale and cond.ndim > 1:
         dims = list(range(1, cond.ndim))
-        factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        std_c, std_g = cond.std(dim=dims, keepdim=True), guided.std(dim=dims, keepdim=True)
+        # a constant guided prediction has nothing to rescale: keep it (no 0 / 0)
+        factor = torch.where(std_g > 0, std_c / std_g.clamp_min(torch.finfo(std_g.dtype).tiny), 1.0)
         guided = rescale * guided * factor + (1 - rescale) * guided
     return guided
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_positive, check_same_shape
+from addkit._checks import check_batch, check_choice, check_floating, check_positive, check_same_shape
 from addkit._random import randint, randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses._heads import as_heads
@@ -293,6 +293,7 @@ class ADDObjective:
         """
         fn = "ADDObjective.sample_student_inputs"
         check_floating(fn, "x0", x0)
+        check_batch(fn, "x0", x0)
         if x0.ndim < 2:
             raise ValueError(f"{fn}: x0 must have shape [B, ...] with at least 2 dims, got {tuple(x0.shape)}")
         index = randint(0, len(self.student_timesteps), (x0.shape[0],), device=x0.device, generator=generator)
@@ -381,6 +382,7 @@ class ADDObjective:
         """
         fn = "ADDObjective.generator_loss"
         check_floating(fn, "student_x0", student_x0)
+        check_batch(fn, "student_x0", student_x0)
         logs: dict[str, Tensor] = {}
         total = student_x0.new_zeros((), dtype=torch.float32)
         decoded = None
@@ -458,6 +460,7 @@ class ADDObjective:
         fn = "ADDObjective.discriminator_loss"
         check_floating(fn, "real", real)
         check_floating(fn, "fake", fake)
+        check_batch(fn, "real", real)
         check_same_shape(fn, "real", real, "fake", fake)
         c_image = self._image_cond(fn, c_image, student_t)
         regularise = self.r1_gamma > 0 and self.lazy_r1.due(step)

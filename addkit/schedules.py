@@ -349,6 +349,8 @@ class FlowSchedule(_Schedule):
     time_dtype = torch.float32
 
     def __init__(self, shift: float = 1.0, *, num_train_timesteps: int = 1000) -> None:
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+            raise TypeError(f"FlowSchedule: shift must be a number, got {type(shift).__name__} {shift!r}")
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"FlowSchedule: shift must be a finite positive number, got {shift!r}")
         self.shift = float(shift)

@@ -194,7 +194,9 @@ class ProjectedDiscriminator(nn.Module):
 
         Args:
             images: ``[B, 3, H, W]`` in ``[-1, 1]`` (latents for
-                [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures]).
+                [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures]), in any
+                floating dtype: outside autocast they are cast (differentiably) to the feature
+                network's dtype, so a float16 decode feeds a float32 backbone.
             generator: randomness for the augmentation, and for the feature network when its
                 forward takes a ``generator`` (TeacherFeatures' noise and noise level).
             **feature_kwargs: passed to the feature network (e.g. ``t=``,
@@ -205,10 +207,14 @@ class ProjectedDiscriminator(nn.Module):
 
         Raises:
             TypeError: if ``images`` is not a floating tensor.
-            ValueError: if the feature network breaks its contract (count, rank, channels).
+            ValueError: for an empty batch, or if the feature network breaks its contract
+                (count, rank, channels).
         """
         fn = "ProjectedDiscriminator.extract"
         check_floating(fn, "images", images)
+        if images.ndim == 0 or images.shape[0] == 0:
+            raise ValueError(f"{fn}: images must hold at least one sample [B, ...], got shape {tuple(images.shape)}")
+        images = self._as_feature_dtype(images)
         if self._features_take_generator:
             feature_kwargs["generator"] = generator
         with torch.set_grad_enabled(images.requires_grad and torch.is_grad_enabled()):
@@ -227,6 +233,13 @@ class ProjectedDiscriminator(nn.Module):
                     f"{fn}: feature {i} must have shape ({images.shape[0]}, {c}, N), got {tuple(f.shape)}"
                 )
         return feats
+
+    def _as_feature_dtype(self, images: Tensor) -> Tensor:
+        """Images in the feature network's dtype (a differentiable cast), unless autocast decides."""
+        if not isinstance(self._features, nn.Module) or torch.is_autocast_enabled(images.device.type):
+            return images
+        param = next((p for p in self._features.parameters() if p.is_floating_point()), None)
+        return images if param is None or param.dtype == images.dtype else images.to(param.dtype)
 
     def classify(
         self,

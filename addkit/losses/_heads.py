@@ -25,6 +25,11 @@ def as_heads(fn: str, name: str, logits: Tensor | Sequence[Tensor]) -> list[Tens
         label = f"{name}[{i}]" if many else name
         check_floating(fn, label, head)
         check_ndim(fn, label, head, 2, layout="[batch, tokens]; pass several heads as a list")
+        if head.shape[0] == 0 or head.shape[1] == 0:
+            raise ValueError(
+                f"{fn}: {label} must hold at least one sample and one token ([B, K] with B, K >= 1), "
+                f"got shape {tuple(head.shape)}"
+            )
         check_finite(fn, label, head)
         if head.shape[0] != heads[0].shape[0]:
             raise ValueError(

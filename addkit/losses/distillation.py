@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_same_shape, checking_values
+from addkit._checks import check_batch, check_choice, check_floating, check_same_shape, checking_values
 from addkit._random import rand, randint
 from addkit._reduce import per_sample_mean, reduce_loss
 from addkit._time import check_schedule, check_time_values
@@ -305,6 +305,7 @@ def distillation_loss(
     """
     fn = "distillation_loss"
     check_floating(fn, "student_x0", student_x0)
+    check_batch(fn, "student_x0", student_x0)
     check_floating(fn, "noise", noise)
     check_same_shape(fn, "student_x0", student_x0, "noise", noise)
     check_choice(fn, "space", space, ("latent", "pixel"))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_choice, check_floating, check_same_shape
+from addkit._checks import check_batch, check_choice, check_floating, check_same_shape
 from addkit.sampling._plan import Plan, check_denoiser, check_schedule, check_timesteps, make_plan
 from addkit.sampling.renoise import RENOISE, Renoise, renoise_coefficients, renoise_step
 from addkit.typing import Schedule
@@ -51,9 +51,7 @@ Noises = Tensor | Sequence[Tensor]
 def _check_noise(fn: str, noise: Any) -> Tensor:
     """Raise unless ``noise`` is a floating tensor with a batch dimension."""
     check_floating(fn, "noise", noise)
-    if noise.ndim < 1:
-        raise ValueError(f"{fn}: noise must have a batch dimension [B, ...], got shape {tuple(noise.shape)}")
-    return noise
+    return check_batch(fn, "noise", noise)
 
 
 def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> Noises | None:
