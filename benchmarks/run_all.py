@@ -21,7 +21,13 @@ import torch
 from _report import write_all  # a sibling module: the script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_adversarial", "bench_discriminator", "bench_distillation", "bench_sampler")
+BENCHMARKS = (
+    "bench_adversarial",
+    "bench_discriminator",
+    "bench_distillation",
+    "bench_objective",
+    "bench_sampler",
+)
 
 
 

@@ -20,46 +20,19 @@ from torch import Tensor, nn
 
 from addkit.denoisers import DiffusersTransformerAdapter, DiffusersUNetAdapter, _model_dtype, wrap
 from addkit.schedules import FlowSchedule, VPSchedule
+from addkit.testing import tiny_sd3_transformer, tiny_sd_unet
 
 VP = VPSchedule.scaled_linear()
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def _unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=(2, 4),
-        norm_num_groups=8,
-    ).eval()
+    return tiny_sd_unet(cross_attention_dim=16)
 
 
 def _sd3(dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    torch.manual_seed(0)
-    return (
-        SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            caption_projection_dim=16,
-            pooled_projection_dim=8,
-            out_channels=4,
-            pos_embed_max_size=16,
-        )
-        .to(dtype)
-        .eval()
-    )
+    model = tiny_sd3_transformer()
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def _inputs() -> tuple[Tensor, Tensor, dict[str, Tensor]]:

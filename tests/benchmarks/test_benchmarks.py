@@ -87,3 +87,13 @@ def test_distillation_benchmark_follows_schema(tmp_path: Path) -> None:
     assert {r["name"] for r in payload["results"]} == {"teacher_forward", "addkit", "naive"}
     share = payload["headline"][0]["value"]
     assert share < 1.0  # the teacher forward is part of the addkit step
+
+
+def test_objective_benchmark_counts_no_host_reads_by_default(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    import bench_objective
+
+    payload = bench_objective.run(bench_objective.TINY, torch.device("cpu"), out_dir=tmp_path)
+    validate(json.loads((tmp_path / "objective.json").read_text()))
+    reads = {r["name"]: r["host_reads"] for r in payload["results"]}
+    assert reads["addkit"] == 0 and reads["value_checks"] > 0

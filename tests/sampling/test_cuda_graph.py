@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from _tiny_sdxl import tiny_unet, tiny_vae
 from torch import nn
 
 from addkit.denoisers import wrap
 from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, sample
 from addkit.sampling._static import autocast_dtype, flatten, graph_key
 from addkit.schedules import VPSchedule
+from addkit.testing import tiny_sdxl_unet, tiny_vae
 
 VP = VPSchedule.scaled_linear()
 TEXT = 16
@@ -291,7 +291,7 @@ def test_capture_failure_falls_back_with_one_warning() -> None:
 
 @pytest.mark.cuda
 def test_sdxl_unet_and_vae_decode_inside_the_graph() -> None:
-    unet, vae = tiny_unet().cuda().eval(), tiny_vae().cuda().eval()
+    unet, vae = tiny_sdxl_unet().cuda().eval(), tiny_vae().cuda().eval()
     denoiser = wrap(unet, VP, "eps")
 
     def decode(z: torch.Tensor) -> torch.Tensor:

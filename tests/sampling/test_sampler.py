@@ -8,21 +8,21 @@ from typing import Any
 
 import pytest
 import torch
-from _tiny_sdxl import sdxl_condition, tiny_sdxl_pipeline
 from hypothesis import given
 from hypothesis import strategies as st
 
 from addkit.denoisers import wrap
 from addkit.sampling import FewStepSampler, renoise_coefficients, renoise_step, sample
 from addkit.schedules import FlowSchedule, VPSchedule
+from addkit.testing import sdxl_condition, tiny_sdxl_pipeline
 
 PROMPT = "a cat"
 SHAPE = (2, 4, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
+def pipe() -> Any:
+    return tiny_sdxl_pipeline()
 
 
 @pytest.fixture(scope="module")
