@@ -86,7 +86,7 @@ def test_any_callable_and_errors() -> None:
         d.x0(x, 0.5, guidance_scale=3.0, scale=2.0)
     with pytest.raises(ValueError, match=r"uncond keys \['s'\] must equal cond keys \['scale'\]"):
         d.x0(x, 0.5, guidance_scale=3.0, uncond={"s": 1.0}, scale=2.0)
-    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(2,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(2,\) .*got \(3,\)"):
         d.x0(x, torch.rand(3), scale=1.0)
     with pytest.raises(ValueError, match="prediction must be one of"):
         wrap(lambda x, t: x, VP, "noise")
