@@ -15,10 +15,12 @@ from addkit.discriminators import (
     TeacherFeatures,
     diff_augment,
 )
+from addkit.dmd import DMDObjective
 from addkit.losses import (
     LazyRegularizer,
     approximate_r1,
     distillation_loss,
+    distribution_matching_loss,
     hinge_d_loss,
     hinge_g_loss,
     non_saturating_d_loss,
@@ -38,6 +40,7 @@ __all__ = [
     "CLIPFeatures",
     "CUDAGraphSampler",
     "DINOv2Features",
+    "DMDObjective",
     "DiffAugment",
     "FewStepSampler",
     "FlowSchedule",
@@ -54,6 +57,7 @@ __all__ = [
     "convert",
     "diff_augment",
     "distillation_loss",
+    "distribution_matching_loss",
     "hinge_d_loss",
     "hinge_g_loss",
     "non_saturating_d_loss",

@@ -58,7 +58,8 @@ class ProjectedDiscriminator(nn.Module):
         features: a [`FeatureNetwork`][addkit.typing.FeatureNetwork] (``channels`` + a call
             returning ``[B, C_i, N_i]`` per tap), e.g.
             [`DINOv2Features`][addkit.discriminators.vit.DINOv2Features]. An ``nn.Module``
-            one is frozen (``requires_grad_(False)``, ``eval()``).
+            one is frozen (``requires_grad_(False)``, ``eval()``) unless it says
+            ``frozen = False`` (a ``TeacherFeatures(..., freeze=False)`` on DMD2's fake score).
         c_text_dim: width of the text embedding, or ``None`` for no text conditioning.
         c_image_dim: width of the image embedding, or ``None``.
         augment: called as ``augment(images, generator=...)`` before the features in
@@ -99,7 +100,7 @@ class ProjectedDiscriminator(nn.Module):
                 f"{fn}: features must be a FeatureNetwork (callable with a `channels` list), "
                 f"got {type(features).__name__}"
             )
-        if isinstance(features, nn.Module):
+        if isinstance(features, nn.Module) and getattr(features, "frozen", True):
             features.requires_grad_(False).eval()
         self.__dict__["_features"] = features  # not a registered submodule: see module docs
         call = features.forward if isinstance(features, nn.Module) else features

@@ -96,6 +96,12 @@ class TeacherFeatures(FrozenFeatures):
         select: maps a tapped submodule's raw output to a tensor (default: the tensor, or a
             tuple's first item).
         stop_early: cut the teacher's forward short once every tap has fired.
+        freeze: freeze the network (``requires_grad_(False)``, eval mode), as a LADD teacher
+            is. ``False`` leaves its parameters as they are: DMD2's GAN head reads the
+            features of the *trainable* fake-score network (see
+            [`DMDObjective`][addkit.dmd.DMDObjective]); a
+            [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator]
+            then leaves it unfrozen too.
 
     Raises:
         TypeError: if ``schedule`` has no ``add_noise``.
@@ -123,6 +129,7 @@ class TeacherFeatures(FrozenFeatures):
         logit_std: float = 1.0,
         select: Callable[[Any], Tensor] = default_select,
         stop_early: bool = True,
+        freeze: bool = True,
     ) -> None:
         super().__init__()
         fn = "TeacherFeatures"
@@ -147,7 +154,9 @@ class TeacherFeatures(FrozenFeatures):
         self.logit_std = float(logit_std)
         self.select = select
         self.stop_early = stop_early
-        self.freeze()
+        self.frozen = bool(freeze)
+        if self.frozen:
+            self.freeze()
 
     @property
     def channels(self) -> list[int]:

@@ -19,6 +19,12 @@ from addkit.losses.distillation import (
     distillation_weight,
     sample_distillation_timesteps,
 )
+from addkit.losses.matching import (
+    distribution_matching_loss,
+    fake_score_loss,
+    prediction_target,
+    regression_loss,
+)
 from addkit.losses.regularizers import (
     ApproximateR1,
     LazyRegularizer,
@@ -51,13 +57,17 @@ __all__ = [
     "approximate_r1",
     "distillation_loss",
     "distillation_weight",
+    "distribution_matching_loss",
+    "fake_score_loss",
     "hinge_d_loss",
     "hinge_g_loss",
     "non_saturating_d_loss",
     "non_saturating_g_loss",
+    "prediction_target",
     "r1_context",
     "r1_penalty",
     "r1_penalty_images",
     "r1_regularizer",
+    "regression_loss",
     "sample_distillation_timesteps",
 ]
