@@ -1,4 +1,4 @@
-"""One ADD training step: generator and discriminator, and what value checks cost.
+"""One ADD training step (generator and discriminator), what value checks cost, and one DMD2 step.
 
 One step = noise real latents at a student timestep, the student's $\\hat x_0$, the generator
 loss (decode, DINOv2-feature discriminator with text conditioning, pixel-space distillation
@@ -8,7 +8,11 @@ fake, R1 on the heads' inputs) and its backward: what ``ADDObjective`` composes.
 - ``addkit``: the default, which reads no tensor value back to the host (checks from
   metadata only);
 - ``value_checks``: the same step under ``addkit.value_checks()``, which checks finiteness and
-  timestep ranges by reading the device, as every step did before checks became opt-in.
+  timestep ranges by reading the device, as every step did before checks became opt-in;
+- ``dmd2``: one DMD2 step on the same models: ``DMDObjective``'s generator update
+  (distribution matching through the teacher and a teacher-sized fake score) and one
+  fake-score update, each with its backward (DMD2 repeats the fake-score update 5 times per
+  generator update; the row times one of each). No discriminator, no VAE decode.
 
 Each row records ``host_reads``: the device-to-host reads of one step, counted with
 ``addkit.testing.count_host_reads``. On a CPU a read costs little (the figures measure the
@@ -31,7 +35,7 @@ import torch
 import _runner
 from _common import finish, time_fn
 from _memory import peak_memory
-from addkit import ADDObjective, ProjectedDiscriminator, VPSchedule, value_checks, wrap
+from addkit import ADDObjective, DMDObjective, ProjectedDiscriminator, VPSchedule, value_checks, wrap
 from addkit.testing import count_host_reads, tiny_dinov2_kwargs, tiny_sd_unet, tiny_vae
 
 NAME = "objective"
@@ -111,11 +115,15 @@ def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[]
     def step() -> None:
         inp = objective.sample_student_inputs(latents, generator=g)
         x0 = student.x0(inp.x_t, inp.t, **cond)
-        loss_g, _ = objective.generator_loss(x0, teacher_cond=cond, c_text=pooled, student_t=inp.t, generator=g)
+        loss_g, _ = objective.generator_loss(
+            x0, teacher_cond=cond, c_text=pooled, student_t=inp.t, generator=g
+        )
         loss_g.backward()
         with torch.no_grad():
             fake = objective.discriminator_input(x0.detach())
-        loss_d, _ = objective.discriminator_loss(images, fake, c_text=pooled, student_t=inp.t, step=0, generator=g)
+        loss_d, _ = objective.discriminator_loss(
+            images, fake, c_text=pooled, student_t=inp.t, step=0, generator=g
+        )
         loss_d.backward()
         student_net.zero_grad(set_to_none=True)
         D.zero_grad(set_to_none=True)
@@ -124,8 +132,21 @@ def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[]
         with value_checks():
             step()
 
-    steps = {"addkit": step, NAIVE: checked}
-    mem = {"modules": [teacher_net, student_net, vae, D], "inputs": [latents, images, text]}
+    fake_net = place(tiny_sd_unet(sample_size=cfg.latent, seed=3, **cfg.unet))
+    dmd = DMDObjective(objective.teacher, wrap(fake_net, schedule, "eps"), schedule)
+
+    def dmd2() -> None:
+        inp = dmd.sample_student_inputs(torch.randn_like(latents), student=student, step=0, generator=g)
+        x0 = student.x0(inp.x_t, inp.t, **cond)
+        loss_g, _ = dmd.generator_loss(x0, cond=cond, generator=g)
+        loss_g.backward()
+        loss_f, _ = dmd.fake_score_loss(x0, cond=cond, generator=g)
+        loss_f.backward()
+        student_net.zero_grad(set_to_none=True)
+        fake_net.zero_grad(set_to_none=True)
+
+    steps = {"add": step, NAIVE: checked, "dmd2": dmd2}
+    mem = {"modules": [teacher_net, student_net, vae, D, fake_net], "inputs": [latents, images, text]}
     return steps, {"mem_kw": mem}
 
 
@@ -145,13 +166,22 @@ def run(cfg: Config, device: torch.device, *, out_dir: Path | None = None) -> di
     for r in rows:
         r["speedup_vs_naive"] = by[NAIVE]["median_s"] / r["median_s"]
     headline = [
-        {"figure": "host reads in one ADD step (default)", "value": float(by["addkit"]["host_reads"]), "unit": ""},
+        {
+            "figure": "host reads in one ADD step (default)",
+            "value": float(by["add"]["host_reads"]),
+            "unit": "",
+        },
         {"figure": "host reads with value checks on", "value": float(by[NAIVE]["host_reads"]), "unit": ""},
-        {"figure": "default step vs value checks on", "value": by["addkit"]["speedup_vs_naive"], "unit": "x"},
+        {"figure": "default step vs value checks on", "value": by["add"]["speedup_vs_naive"], "unit": "x"},
+        {
+            "figure": "DMD2 step time / ADD step time",
+            "value": by["dmd2"]["median_s"] / by["add"]["median_s"],
+            "unit": "x",
+        },
     ]
     return finish(
         NAME,
-        description="one ADD step (G + D, R1 on features, pixel distillation): default vs value checks",
+        description="one ADD step (G + D, R1 on features, pixel distillation): default vs value checks; one DMD2 step",
         naive=NAIVE,
         headline=headline,
         config=cfg,

@@ -96,4 +96,4 @@ def test_objective_benchmark_counts_no_host_reads_by_default(tmp_path: Path) -> 
     payload = bench_objective.run(bench_objective.TINY, torch.device("cpu"), out_dir=tmp_path)
     validate(json.loads((tmp_path / "objective.json").read_text()))
     reads = {r["name"]: r["host_reads"] for r in payload["results"]}
-    assert reads["addkit"] == 0 and reads["value_checks"] > 0
+    assert reads["add"] == 0 and reads["dmd2"] == 0 and reads["value_checks"] > 0
