@@ -226,8 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core box)"
     )
+    parser.add_argument(
+        "--dmd", action="store_true", help="only the teacher and DMD2 rows (results_dmd.json, table_dmd.md)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
+    if args.dmd:
+        from .dmd import run_dmd_study
+
+        return run_dmd_study(cfg, args.out)
     return run_study(cfg, args.out)
