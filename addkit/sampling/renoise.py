@@ -1,9 +1,9 @@
-"""Re-noising between student steps: fresh noise (ADD) or the ancestral posterior (diffusers).
+"""Re-noising between student steps: fresh noise (ADD), the ancestral posterior, or none.
 
-Both rules put $\\hat x_0$ back at the next timestep's noise level,
-$x_{t_{i+1}} = \\alpha_{i+1}\\hat x_0 + \\sigma_{i+1}\\tilde\\epsilon_i$ with
-$\\tilde\\epsilon_i \\sim \\mathcal N(0, I)$; they differ in how much of the noise the denoiser
-implicitly estimated, $\\hat\\epsilon$, is kept in $\\tilde\\epsilon_i$.
+Every rule puts $\\hat x_0$ back at the next timestep's noise level,
+$x_{t_{i+1}} = \\alpha_{i+1}\\hat x_0 + \\sigma_{i+1}\\tilde\\epsilon_i$; they differ in how
+much of the noise the denoiser implicitly estimated, $\\hat\\epsilon$, is kept in
+$\\tilde\\epsilon_i$: none (``"fresh"``), part (``"ancestral"``) or all (``"deterministic"``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from addkit.sampling._plan import check_schedule, check_timesteps
 
 __all__ = ["Renoise", "renoise_coefficients", "renoise_step"]
 
-Renoise = Literal["fresh", "ancestral"]
-"""How the sampler re-noises $\\hat x_0$ between steps: ``"fresh"`` (ADD) or ``"ancestral"``
-(DDPM posterior; diffusers' ``EulerAncestralDiscreteScheduler``)."""
+Renoise = Literal["fresh", "ancestral", "deterministic"]
+"""How the sampler re-noises $\\hat x_0$ between steps: ``"fresh"`` (ADD), ``"ancestral"``
+(DDPM posterior; diffusers' ``EulerAncestralDiscreteScheduler``) or ``"deterministic"`` (all of
+$\\hat\\epsilon$ kept: DDIM with $\\eta = 0$; for rectified flow diffusers'
+``FlowMatchEulerDiscreteScheduler``, the sampler of ``StableDiffusion3Pipeline`` and
+``FluxPipeline``)."""
 
-RENOISE: tuple[str, ...] = ("fresh", "ancestral")
+RENOISE: tuple[str, ...] = ("fresh", "ancestral", "deterministic")
 
 
 def renoise_coefficients(
@@ -46,7 +49,14 @@ def renoise_coefficients(
     schedule is exactly diffusers' ``EulerAncestralDiscreteScheduler`` step written in VP
     coordinates ($\\sigma^{\\mathrm{VE}} = \\sigma/\\alpha$, $\\rho_i = \\sigma^{\\mathrm{VE}}_{i+1} /
     \\sigma^{\\mathrm{VE}}_{i}$, $\\sigma_{\\mathrm{up}} = \\sigma^{\\mathrm{VE}}_{i+1}\\sqrt{1-\\rho_i^2}$).
-    The same rule holds for any Gaussian schedule, rectified flow included. Expanded, the step
+    The same rule holds for any Gaussian schedule, rectified flow included. ``"deterministic"``
+    is the same formula at $\\rho_i = 1$, all of $\\hat\\epsilon$ kept and no noise drawn:
+    DDIM with $\\eta = 0$ for a VP schedule, and for rectified flow
+    $x_{t_{i+1}} = (1 - \\sigma_{i+1})\\hat x_0 + \\sigma_{i+1}\\hat\\epsilon$, which is
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` step
+    $x_{t_{i+1}} = x_{t_i} + (\\sigma_{i+1} - \\sigma_i)\\,\\hat u$ with
+    $\\hat u = \\hat\\epsilon - \\hat x_0$ (the sampler of ``StableDiffusion3Pipeline`` and
+    ``FluxPipeline``). Expanded, the step
     is $x_{t_{i+1}} = k_{x_0}\\hat x_0 + k_x x_{t_i} + k_z z_i$ with
     $k_x = \\sigma_{i+1}\\rho_i/\\sigma_i$, $k_{x_0} = \\alpha_{i+1} - k_x\\alpha_i$ and
     $k_z = \\sigma_{i+1}\\sqrt{1-\\rho_i^2}$.
@@ -54,23 +64,28 @@ def renoise_coefficients(
     Args:
         schedule: the schedule of the timesteps (``alpha``, ``sigma``).
         timesteps: the student timesteps, noisiest first.
-        renoise: ``"fresh"`` or ``"ancestral"``.
+        renoise: ``"fresh"``, ``"ancestral"`` or ``"deterministic"``.
 
     Returns:
         float64 ``[n - 1, 3]``: $(k_{x_0}, k_x, k_z)$ per transition (empty for one step).
 
     Raises:
-        ValueError: for an unknown ``renoise``, bad timesteps, or an ancestral step from a
-            timestep with $\\sigma_i = 0$.
+        ValueError: for an unknown ``renoise``, bad timesteps, or an ancestral or
+            deterministic step from a timestep with $\\sigma_i = 0$.
 
     Examples:
         >>> from addkit.schedules import VPSchedule
         >>> k = renoise_coefficients(VPSchedule.scaled_linear(), (999, 499), renoise="fresh")
         >>> [round(v, 4) for v in k[0].tolist()]  # alpha_499, 0, sigma_499
         [0.5269, 0.0, 0.8499]
+        >>> from addkit.schedules import FlowSchedule
+        >>> k = renoise_coefficients(FlowSchedule(), (1.0, 0.5), renoise="deterministic")
+        >>> k[0].tolist()  # x_0.5 = 0.5 x0 + 0.5 eps_hat with eps_hat = x_1 (sigma_1 = 1, alpha_1 = 0)
+        [0.5, 0.5, 0.0]
 
     References:
         Ho et al. 2020, Eq. 6-7 (posterior); Song et al., DDIM, arXiv 2010.02502, Eq. 12-16;
+        Esser et al., SD3, arXiv 2403.03206, §2 (Euler steps of the rectified-flow ODE);
         Sauer et al., ADD, arXiv 2311.17042, §3.1 (re-noising between student steps).
     """
     fn = "renoise_coefficients"
@@ -83,6 +98,13 @@ def renoise_coefficients(
     a, s, a_next, s_next = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
     if renoise == "fresh":
         rho = k_x = torch.zeros_like(a)
+    elif renoise == "deterministic":
+        if bool((s == 0).any()):
+            raise ValueError(
+                f"{fn}: renoise='deterministic' needs sigma > 0 at every step but the last, got timesteps {values}"
+            )
+        rho = torch.ones_like(a)
+        k_x = s_next / s
     else:
         if bool((s == 0).any()) or bool((a_next == 0).any()):
             raise ValueError(

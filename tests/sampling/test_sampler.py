@@ -186,7 +186,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         TypeError, match="sample: noise must be a floating-point tensor, got dtype torch.int64"
     ):
         sample(d, torch.ones(2, 4, dtype=torch.long), schedule=vp)
-    with pytest.raises(ValueError, match="sample: renoise must be one of 'fresh', 'ancestral'; got 'ddim'"):
+    with pytest.raises(
+        ValueError, match="sample: renoise must be one of 'fresh', 'ancestral', 'deterministic'; got 'ddim'"
+    ):
         sample(d, noise, schedule=vp, renoise="ddim")
     with pytest.raises(ValueError, match=r"timesteps must be strictly decreasing .*got \(249, 999\)"):
         sample(d, noise, schedule=vp, timesteps=(249, 999))
