@@ -132,14 +132,19 @@ def distill(
                 loss_d.backward()
                 opt_d.step()
             row.update(logs_d)
-        for k, v in row.items():
-            logs[k].append(v.item())
-        if (step + 1) % max(1, cfg.steps // 5) == 0:
-            summary = ", ".join(f"{k} {sum(v[-20:]) / len(v[-20:]):.3g}" for k, v in sorted(logs.items()))
-            log(
-                f"  [{cfg.name} seed {cfg.seed}] step {step + 1}/{cfg.steps} ({time.time() - start:.0f}s): {summary}"
-            )
+        record(logs, row, step, cfg, start, log)
     return student_unet.eval().requires_grad_(False), dict(logs)
+
+
+def record(logs: dict[str, list[float]], row: dict, step: int, cfg: object, start: float, log) -> None:
+    """Append one step's logs; every fifth of the run, print their running means."""
+    for k, v in row.items():
+        logs[k].append(v.item())
+    if (step + 1) % max(1, cfg.steps // 5) == 0:
+        summary = ", ".join(f"{k} {sum(v[-20:]) / len(v[-20:]):.3g}" for k, v in sorted(logs.items()))
+        log(
+            f"  [{cfg.name} seed {cfg.seed}] step {step + 1}/{cfg.steps} ({time.time() - start:.0f}s): {summary}"
+        )
 
 
 def config_dict(cfg: RunConfig) -> dict:

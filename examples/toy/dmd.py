@@ -26,6 +26,7 @@ from torch import nn
 from addkit import DMDObjective, ProjectedDiscriminator, TeacherFeatures, wrap
 
 from .data import NULL_LABEL, load_digits_split, sample_batch
+from .distill import record
 from .teacher import PREDICTION, schedule
 
 
@@ -118,13 +119,7 @@ def distill_dmd(
         loss_g.backward()
         opt_g.step()
         row.update(logs_g)
-        for k, v in row.items():
-            logs[k].append(v.item())
-        if (step + 1) % max(1, cfg.steps // 5) == 0:
-            summary = ", ".join(f"{k} {sum(v[-20:]) / len(v[-20:]):.3g}" for k, v in sorted(logs.items()))
-            log(
-                f"  [{cfg.name} seed {cfg.seed}] step {step + 1}/{cfg.steps} ({time.time() - start:.0f}s): {summary}"
-            )
+        record(logs, row, step, cfg, start, log)
     return student_unet.eval().requires_grad_(False), dict(logs)
 
 
