@@ -13,12 +13,13 @@ References:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from addkit.discriminators.vit import Readout, Tap, _missing, _ViTFeatures
+from addkit.discriminators.vit import Readout, Tap, _hub_cached, _load_pretrained, _missing, _ViTFeatures
 
 __all__ = ["CLIPFeatures"]
 
@@ -95,6 +96,9 @@ class CLIPFeatures(_ViTFeatures):
 
         Raises:
             ModuleNotFoundError: if open_clip is missing (``pip install 'addkit[clip]'``).
+            FileNotFoundError: for hub weights that are not cached while the hub cannot be
+                reached (``HF_HUB_OFFLINE=1``, or no connection within 3 s); the message says
+                what to pass instead.
         """
         try:
             import open_clip
@@ -105,7 +109,20 @@ class CLIPFeatures(_ViTFeatures):
             model_kwargs.setdefault("force_quick_gelu", True)
         if resolution is not None:
             model_kwargs.setdefault("force_image_size", resolution)
-        model = open_clip.create_model(model_name, pretrained=tag, **model_kwargs)
+
+        def create() -> nn.Module:
+            return open_clip.create_model(model_name, pretrained=tag, **model_kwargs)
+
+        hub = (open_clip.get_pretrained_cfg(model_name, tag) or {}).get("hf_hub", "") if tag else ""
+        if hub:  # a known tag whose weights come from the hub (a local file path has none)
+            repo, filename = os.path.split(hub)
+            names = (
+                (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+            )
+            what = f"{model_name!r} ({tag})"
+            model = _load_pretrained("CLIPFeatures.from_open_clip", what, _hub_cached(repo, names), create)
+        else:
+            model = create()
         return cls(model.visual, taps=taps, readout=readout)
 
     _embed_module = "ln_pre"

@@ -136,12 +136,18 @@ class ProjectedDiscriminator(nn.Module):
 
         Args:
             model_name: timm model name.
-            pretrained: ``True`` for timm's weights, a path for a local file, ``False`` for
-                random weights (tests).
+            pretrained: ``True`` for timm's weights (downloaded once from the Hugging Face hub,
+                then cached), a path for a local file, ``False`` for random weights (tests,
+                offline).
             resolution: DINOv2 input side (224 default; 518 native).
             taps: see [`DINOv2Features`][addkit.discriminators.vit.DINOv2Features].
             model_kwargs: extra ``timm.create_model`` arguments.
             **kwargs: passed to the constructor (``c_text_dim``, ``augment``, ...).
+
+        Raises:
+            FileNotFoundError: with ``pretrained=True``, at once, when the weights are not cached
+                and the hub cannot be reached (``HF_HUB_OFFLINE=1``, or no connection in 3 s);
+                the message says to pass ``pretrained=False`` or a local weights path.
         """
         features = DINOv2Features.from_timm(
             model_name, pretrained=pretrained, resolution=resolution, taps=taps, **dict(model_kwargs or {})
@@ -170,6 +176,10 @@ class ProjectedDiscriminator(nn.Module):
             taps: block indices and/or ``"embed"``.
             model_kwargs: extra ``open_clip.create_model`` arguments.
             **kwargs: passed to the constructor.
+
+        Raises:
+            FileNotFoundError: at once, for hub weights that are not cached while the hub cannot
+                be reached; the message says to pass ``pretrained=False`` or a local path.
         """
         features = CLIPFeatures.from_open_clip(
             model_name, pretrained=pretrained, resolution=resolution, taps=taps, **dict(model_kwargs or {})

@@ -19,8 +19,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from einops import rearrange
@@ -124,6 +125,71 @@ def _missing(extra: str, package: str, where: str) -> ModuleNotFoundError:
     return ModuleNotFoundError(f"{where} needs {package}: pip install 'addkit[{extra}]'")
 
 
+_T = TypeVar("_T")
+_OFFLINE_HINT = (
+    "pass pretrained=False for random weights (tests, offline), pretrained='/path/to/weights' for a "
+    "local file, or download them once online (the Hugging Face cache keeps them) and set HF_HUB_OFFLINE=1"
+)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, no route), or None if it can.
+
+    One TCP connection with a 3 s timeout instead of the hub client's retries (about a minute
+    per file). Behind a proxy the client's own connection decides.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3.0).close()
+    except OSError as err:
+        return f"{url.hostname}:{port} cannot be reached ({err.strerror or err})"
+    return None
+
+
+def _load_pretrained(where: str, what: str, cached: bool, load: Callable[[], _T]) -> _T:
+    """``load()`` weights from the hub, failing at once, with what to do, when it is out of reach.
+
+    Args:
+        where: the calling function, for the message.
+        what: the weights, for the message.
+        cached: whether the weights are already in the Hugging Face cache (then offline is fine).
+        load: the call that loads (and may download) the weights.
+
+    Raises:
+        FileNotFoundError: the weights are not cached and the hub cannot be reached.
+    """
+    reason = None if cached else _hub_unreachable()
+    if reason is not None:
+        raise FileNotFoundError(
+            f"{where}: the weights of {what} are not cached and {reason}: {_OFFLINE_HINT}"
+        )
+    try:
+        return load()
+    except OSError as err:  # the hub client's "not found locally" / connection errors
+        raise FileNotFoundError(
+            f"{where}: could not load the weights of {what} ({err}): {_OFFLINE_HINT}"
+        ) from err
+
+
+def _hub_cached(repo_id: str | None, filenames: Sequence[str]) -> bool:
+    """Whether one of ``filenames`` of the hub repository ``repo_id`` is in the local cache."""
+    if not repo_id:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+
+
 class DINOv2Features(_ViTFeatures):
     """DINOv2 (or any timm ``VisionTransformer``) as a frozen feature network.
 
@@ -221,6 +287,9 @@ class DINOv2Features(_ViTFeatures):
 
         Raises:
             ModuleNotFoundError: if timm is missing (``pip install 'addkit[timm]'``).
+            FileNotFoundError: with ``pretrained=True``, if the weights are not cached and the
+                hub cannot be reached (``HF_HUB_OFFLINE=1``, or no connection within 3 s); the
+                message says what to pass instead.
         """
         try:
             import timm
@@ -228,9 +297,19 @@ class DINOv2Features(_ViTFeatures):
             raise _missing("timm", "timm", "DINOv2Features.from_timm") from err
         if isinstance(pretrained, str):
             model_kwargs.setdefault("pretrained_cfg_overlay", {"file": pretrained})
-        model = timm.create_model(
-            model_name, pretrained=bool(pretrained), img_size=resolution, **model_kwargs
-        )
+
+        def create() -> nn.Module:
+            return timm.create_model(
+                model_name, pretrained=bool(pretrained), img_size=resolution, **model_kwargs
+            )
+
+        if pretrained is True:
+            cfg = timm.models.get_pretrained_cfg(model_name)
+            repo = getattr(cfg, "hf_hub_id", None)
+            cached = _hub_cached(repo, ("model.safetensors", "pytorch_model.bin"))
+            model = _load_pretrained("DINOv2Features.from_timm", repr(model_name), cached, create)
+        else:
+            model = create()
         return cls(model, taps=taps, resolution=resolution, readout=readout)
 
     _embed_module = "norm_pre"
