@@ -1,4 +1,7 @@
-"""The model inside training wrappers (DDP, FSDP1, ``torch.compile``, peft), found without importing them."""
+"""The model inside training wrappers (DDP, FSDP1, ``torch.compile``, peft, addkit's ``AdaptersDisabled``).
+
+Found by class name, without importing the libraries that define them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ _WRAPPERS = {
     ("OptimizedModule", "torch"): "_orig_mod",  # torch.compile
     ("PeftModel", "peft"): "base_model",
     ("BaseTuner", "peft"): "model",  # peft's LoraModel and its siblings
+    ("AdaptersDisabled", "addkit"): "model",  # addkit.denoisers: a LoRA model run as its base
 }
 
 

@@ -4,6 +4,8 @@ One currency at the interface (k-diffusion's lesson): every part of addkit asks 
 $\\hat x_0(x_t, t)$. [`wrap`][addkit.denoisers.wrap] binds a network to its schedule and
 prediction type; adapters translate diffusers' call conventions; classifier-free guidance
 runs the conditional and unconditional branches in one batched forward.
+[`AdaptersDisabled`][addkit.denoisers.AdaptersDisabled] runs a LoRA-adapted student as its
+frozen base, so that teacher and student share one copy of the weights.
 
 Examples:
     >>> import torch
@@ -18,23 +20,28 @@ Examples:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from addkit._checks import check_floating, check_same_shape
 from addkit._reduce import append_dims
 from addkit._time import batch_time, check_schedule
-from addkit._unwrap import unwrap_chain
+from addkit._unwrap import unwrap_chain, unwrap_module
 from addkit.parameterization import convert, normalize_prediction
 from addkit.typing import Schedule
 
 __all__ = [
+    "AdaptersDisabled",
+    "DiffusersFluxAdapter",
     "DiffusersTransformerAdapter",
     "DiffusersUNetAdapter",
     "WrappedDenoiser",
+    "adapters_disabled",
     "apply_cfg",
     "wrap",
 ]
@@ -302,6 +309,215 @@ class DiffusersTransformerAdapter(nn.Module):
         return out.to(x_t.dtype)
 
 
+class DiffusersFluxAdapter(nn.Module):
+    """Call a diffusers ``FluxTransformer2DModel`` on unpacked latents as ``f(x_t, t, **cond)``.
+
+    Flux works on packed latents; this adapter takes ``x_t`` as ``[B, C, H, W]`` like every
+    other denoiser and does what ``FluxPipeline`` does around the transformer: it packs 2×2
+    patches into ``HW/4`` tokens of ``4C`` channels, builds the rotary positions
+    (``img_ids`` rows $(0, i, j)$ for patch row $i$ and column $j$, ``txt_ids`` zeros), passes
+    ``timestep`` $= \\sigma_t \\in [0, 1]$ in float32 (Flux scales it by 1000 itself) and, for a
+    guidance-distilled model (``guidance_embeds=True``, e.g. FLUX.1-dev), the ``guidance``
+    scale; then unpacks the output. ``x_t`` and floating conditioning are cast to the
+    transformer's dtype, the output back to ``x_t``'s.
+
+    Conditioning: ``encoder_hidden_states`` ``[B, L, D]`` (T5), ``pooled_projections``
+    ``[B, P]`` (pooled CLIP), ``guidance`` (a number or ``[B]``; required exactly when the
+    model has ``guidance_embeds``); ``txt_ids`` ``[L, 3]`` and ``img_ids`` ``[HW/4, 3]``
+    override the built positions.
+
+    Args:
+        transformer: e.g. ``FluxTransformer2DModel``, bare or wrapped (DDP, FSDP,
+            ``torch.compile``, peft,
+            [`AdaptersDisabled`][addkit.denoisers.AdaptersDisabled]); a wrapper is called as given.
+        schedule: a flow schedule (e.g. ``FlowSchedule(shift=math.exp(mu))`` for Flux's
+            resolution-dependent shift).
+
+    Raises:
+        TypeError: for a discrete (VP) schedule: Flux is a rectified-flow model.
+    """
+
+    def __init__(self, transformer: nn.Module, schedule: Schedule) -> None:
+        super().__init__()
+        fn = "DiffusersFluxAdapter"
+        self.transformer = transformer
+        self.schedule = check_schedule(fn, schedule)
+        if schedule.is_discrete:
+            raise TypeError(
+                f"{fn}: Flux transformers are rectified-flow models: pass a FlowSchedule, got {schedule!r}"
+            )
+        config = getattr(unwrap_module(transformer), "config", None)
+        self.guidance_embeds = bool(getattr(config, "guidance_embeds", False))
+
+    def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """Pack ``x_t`` ``[B, C, H, W]`` (even ``H``, ``W``), run the transformer, unpack."""
+        fn = "DiffusersFluxAdapter"
+        if x_t.ndim != 4 or x_t.shape[-2] % 2 or x_t.shape[-1] % 2:
+            raise ValueError(
+                f"{fn}: x_t must be unpacked latents [B, C, H, W] with even H and W (2x2 patches), "
+                f"got shape {tuple(x_t.shape)}"
+            )
+        dtype = _model_dtype(self.transformer) or x_t.dtype
+        h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
+        guidance = self._guidance(fn, cond.pop("guidance", None), x_t)
+        text = cond.get("encoder_hidden_states")
+        img_ids = cond.pop("img_ids", None)
+        txt_ids = cond.pop("txt_ids", None)
+        if img_ids is None:
+            img_ids = _flux_image_ids(h, w, device=x_t.device, dtype=dtype)
+        if txt_ids is None and text is not None:
+            txt_ids = torch.zeros(text.shape[1], 3, device=x_t.device, dtype=dtype)
+        cond = {
+            k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v)
+            for k, v in cond.items()
+        }
+        tokens = rearrange(x_t, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+        sigma = self.schedule.sigma(t).to(torch.float32)
+        out = self.transformer(
+            hidden_states=tokens.to(dtype), timestep=sigma, guidance=guidance,
+            img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **cond,
+        )[0]  # fmt: skip
+        out = rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+        return out.to(x_t.dtype)
+
+    def _guidance(self, fn: str, guidance: Any, x_t: Tensor) -> Tensor | None:
+        """The guidance scale ``[B]`` in float32 (as ``FluxPipeline`` passes it), or ``None``."""
+        if guidance is None:
+            if self.guidance_embeds:
+                raise ValueError(
+                    f"{fn}: this Flux transformer has guidance_embeds=True (guidance-distilled, e.g. "
+                    "FLUX.1-dev): pass guidance=<scale> (FluxPipeline's default is 3.5)"
+                )
+            return None
+        if not self.guidance_embeds:
+            raise ValueError(
+                f"{fn}: guidance={guidance!r} was given but this Flux transformer has no guidance "
+                "embedding (guidance_embeds=False, e.g. FLUX.1-schnell): leave guidance out"
+            )
+        scale = torch.as_tensor(guidance, dtype=torch.float32, device=x_t.device)
+        if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != x_t.shape[0]):
+            raise ValueError(
+                f"{fn}: guidance must be a number or have shape ({x_t.shape[0]},), "
+                f"got shape {tuple(scale.shape)}"
+            )
+        return scale.expand(x_t.shape[0])
+
+
+def _flux_image_ids(h: int, w: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rotary positions ``[h * w, 3]`` of Flux's packed latent tokens: rows ``(0, i, j)``."""
+    i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ids = torch.stack([torch.zeros_like(i), i, j], dim=-1)
+    return rearrange(ids, "h w k -> (h w) k").to(dtype)
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's adapter layers (LoRA, LoHa, ...) inside ``model``, found by class name (no import)."""
+    return [
+        m for m in model.modules()
+        if any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft") for c in type(m).__mro__)
+    ]  # fmt: skip
+
+
+def _check_adapted(fn: str, model: Any) -> list[nn.Module]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module with peft adapters, got {type(model).__name__}")
+    layers = _adapter_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{fn}: {type(model).__name__} has no peft adapter layers: add them with diffusers' "
+            "model.add_adapter(LoraConfig(...)) or peft's get_peft_model (a fully fine-tuned student "
+            "needs its own frozen teacher copy)"
+        )
+    return layers
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base inside the block: every enabled peft adapter layer switched off.
+
+    What peft's ``PeftModel.disable_adapter()`` and diffusers' ``disable_adapters()`` /
+    ``enable_adapters()`` do, for either kind of model (and inside DDP, ``torch.compile``
+    wrappers), restoring exactly the state found: layers that were off stay off, and every
+    ``requires_grad`` flag is put back (peft clears the adapters' flags while they are off).
+
+    Yields:
+        ``model`` itself.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if it has no peft adapter layers.
+
+    Examples:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> base = nn.Sequential(nn.Linear(2, 2))
+        >>> lora = get_peft_model(base, LoraConfig(target_modules=["0"], init_lora_weights=False))
+        >>> x = torch.ones(1, 2)
+        >>> with adapters_disabled(lora):
+        ...     off = lora(x)
+        >>> torch.equal(off, lora.base_model.model[0].base_layer(x)), torch.equal(off, lora(x))
+        (True, False)
+    """
+    layers = [layer for layer in _check_adapted("adapters_disabled", model) if not layer.disable_adapters]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class AdaptersDisabled(nn.Module):
+    """The frozen base of a LoRA-adapted model, without a second copy of its weights.
+
+    ``forward`` calls ``model`` inside [`adapters_disabled`][addkit.denoisers.adapters_disabled]:
+    with a LoRA student, ``AdaptersDisabled(student)`` *is* the teacher (and LADD's feature
+    network), and the transformer's weights are held once. The model is kept outside this
+    module's tree: ``parameters()``, ``state_dict()``, ``requires_grad_()``, ``train()`` and
+    ``.to()`` see nothing, so freezing the view (as
+    [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures] does) never freezes the
+    adapters or switches the student to eval mode. ``get_submodule`` looks into the innermost
+    model, so feature taps are named as on the bare network (``"transformer_blocks.3"``).
+    [`wrap`][addkit.denoisers.wrap] sees through it and picks the model's diffusers adapter.
+
+    Pass the model *without* its DDP wrapper (``accelerator.unwrap_model(student)``): a DDP
+    forward that leaves the trainable adapters unused breaks DDP's gradient reduction.
+
+    Args:
+        model: a peft ``PeftModel`` or a diffusers model with ``add_adapter(...)`` layers.
+
+    Raises:
+        TypeError, ValueError: as [`adapters_disabled`][addkit.denoisers.adapters_disabled].
+
+    Examples:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> student = get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"]))
+        >>> teacher = AdaptersDisabled(student)
+        >>> list(teacher.parameters()), teacher.get_submodule("0") is student.base_model.model[0]
+        ([], True)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        _check_adapted("AdaptersDisabled", model)
+        self.__dict__["model"] = model  # not a registered submodule: see above
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with its adapters disabled."""
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """A submodule of the innermost model (``""``: the innermost model itself)."""
+        return unwrap_module(self.model).get_submodule(target)
+
+    def extra_repr(self) -> str:
+        return f"model={type(unwrap_module(self.model)).__name__} (adapters disabled, not a submodule)"
+
+
 def _is_diffusers(model: Any, *names: str) -> bool:
     """Whether the model inside ``model``'s wrappers is one of diffusers' ``names`` (no import)."""
     if "diffusers" not in sys.modules:
@@ -313,10 +529,13 @@ def _is_diffusers(model: Any, *names: str) -> bool:
 def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> WrappedDenoiser:
     """Bind a network to its schedule and prediction type.
 
-    diffusers UNets and SD3-style transformers are adapted automatically, also inside
-    ``DistributedDataParallel``, FSDP, ``torch.compile`` or a peft ``PeftModel`` (and
-    accelerate's ``prepare``, which returns these): the adapter is chosen from the innermost
-    model and calls the wrapper, so that gradient sync, compiled code and LoRA layers run.
+    diffusers UNets, SD3-style transformers and Flux transformers (which then take unpacked
+    latents ``[B, C, H, W]``, see [`DiffusersFluxAdapter`][addkit.denoisers.DiffusersFluxAdapter])
+    are adapted automatically, also inside ``DistributedDataParallel``, FSDP,
+    ``torch.compile``, a peft ``PeftModel`` or [`AdaptersDisabled`][addkit.denoisers.AdaptersDisabled]
+    (and accelerate's ``prepare``, which returns these): the adapter is chosen from the
+    innermost model and calls the wrapper, so that gradient sync, compiled code and LoRA layers
+    run.
     Any other callable ``model(x_t, t, **cond)`` is used as is.
 
     Args:
@@ -341,4 +560,6 @@ def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> W
         model = DiffusersUNetAdapter(model)  # type: ignore[arg-type]
     elif _is_diffusers(model, "SD3Transformer2DModel"):
         model = DiffusersTransformerAdapter(model, schedule)  # type: ignore[arg-type]
+    elif _is_diffusers(model, "FluxTransformer2DModel"):
+        model = DiffusersFluxAdapter(model, schedule)  # type: ignore[arg-type]
     return WrappedDenoiser(model, schedule, prediction)
