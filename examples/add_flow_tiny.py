@@ -36,7 +36,7 @@ from addkit.testing import (
 )
 
 RESOLUTION = 32  # pixels; the VAE downsamples by 2: latents 4 x 16 x 16 (64 SD3 patches, 64 Flux tokens)
-MAX_TOKENS = 16  # CLIP and T5 sequence length
+MAX_TOKENS = 48  # CLIP and T5 sequence length (characters: every tiny caption fits)
 T5_WIDTH = {"sd3": 32, "flux": 16}  # SD3 pads the two CLIPs' 2 x 16 channels to T5's width
 VAE_SHIFT, VAE_SCALE = 0.1, 1.5  # SD3 / Flux VAEs store a shift_factor as well as a scaling_factor
 FLUX_SHIFT_LINE = {"base_image_seq_len": 16, "max_image_seq_len": 256, "base_shift": 0.5, "max_shift": 1.15}
@@ -73,10 +73,18 @@ def t5_encoder(tokenizer: Any, *, width: int, seed: int) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=MAX_TOKENS,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=MAX_TOKENS,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return T5EncoderModel(config).eval()
@@ -84,17 +92,22 @@ def t5_encoder(tokenizer: Any, *, width: int, seed: int) -> torch.nn.Module:
 
 def _vae(seed: int) -> torch.nn.Module:
     return tiny_vae(
-        sample_size=RESOLUTION, seed=seed, shift_factor=VAE_SHIFT, scaling_factor=VAE_SCALE,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )  # fmt: skip
+        sample_size=RESOLUTION,
+        seed=seed,
+        shift_factor=VAE_SHIFT,
+        scaling_factor=VAE_SCALE,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def sd3_components(seed: int = 0) -> dict[str, Any]:
     """The parts of a tiny ``StableDiffusion3Pipeline``, by argument name."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    tokenizer, tokenizer_2 = tiny_clip_tokenizer(model_max_length=MAX_TOKENS), tiny_clip_tokenizer(
-        model_max_length=MAX_TOKENS, pad_token="!"
+    tokenizer, tokenizer_2 = (
+        tiny_clip_tokenizer(model_max_length=MAX_TOKENS),
+        tiny_clip_tokenizer(model_max_length=MAX_TOKENS, pad_token="!"),
     )
     tokenizer_3 = t5_tokenizer()
     return {

@@ -44,9 +44,13 @@ def flux(request: pytest.FixtureRequest) -> Any:
 
 def _sd3_cond(pipe: Any) -> dict[str, torch.Tensor]:
     embeds, _, pooled, _ = pipe.encode_prompt(
-        PROMPT, None, None, num_images_per_prompt=BATCH, do_classifier_free_guidance=False,
+        PROMPT,
+        None,
+        None,
+        num_images_per_prompt=BATCH,
+        do_classifier_free_guidance=False,
         max_sequence_length=tiny.MAX_TOKENS,
-    )  # fmt: skip
+    )
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
@@ -86,9 +90,14 @@ def test_deterministic_equals_sd3_pipeline(sd3: Any, steps: int, spacing: str) -
     # the pipeline's default timesteps are FlowSchedule's "linspace"; trailing ones go in as sigmas
     sigmas = None if spacing == "linspace" else list(timesteps)
     want = sd3(
-        [PROMPT] * BATCH, num_inference_steps=steps, sigmas=sigmas, guidance_scale=1.0, latents=latents,
-        output_type="latent", **PIPE_SIZE,
-    ).images  # fmt: skip
+        [PROMPT] * BATCH,
+        num_inference_steps=steps,
+        sigmas=sigmas,
+        guidance_scale=1.0,
+        latents=latents,
+        output_type="latent",
+        **PIPE_SIZE,
+    ).images
     sigma = schedule.sigma(torch.tensor(timesteps))
     torch.testing.assert_close(sd3.scheduler.sigmas[:-1].double(), sigma, **TOL)
     denoiser = wrap(sd3.transformer, schedule, "flow")
@@ -108,15 +117,25 @@ def test_deterministic_equals_flux_pipeline(flux: Any, steps: int) -> None:
     packed = FluxPipeline._pack_latents(latents, BATCH, 4, SIDE, SIDE)
     cond = _flux_cond(flux)
     want = flux(
-        [PROMPT] * BATCH, num_inference_steps=steps, guidance_scale=cond.get("guidance", 3.5), latents=packed,
-        output_type="latent", **PIPE_SIZE,
-    ).images  # fmt: skip
+        [PROMPT] * BATCH,
+        num_inference_steps=steps,
+        guidance_scale=cond.get("guidance", 3.5),
+        latents=packed,
+        output_type="latent",
+        **PIPE_SIZE,
+    ).images
     want = FluxPipeline._unpack_latents(want, tiny.RESOLUTION, tiny.RESOLUTION, flux.vae_scale_factor)
     timesteps = schedule.timesteps(steps)  # FluxPipeline: sigmas linspace(1, 1/n, n), i.e. trailing
     sigma = schedule.sigma(torch.tensor(timesteps))
     torch.testing.assert_close(flux.scheduler.sigmas[:-1].double(), sigma, **TOL)
-    got = sample(wrap(flux.transformer, schedule, "flow"), latents, schedule=schedule, timesteps=timesteps,
-                 renoise="deterministic", **cond)  # fmt: skip
+    got = sample(
+        wrap(flux.transformer, schedule, "flow"),
+        latents,
+        schedule=schedule,
+        timesteps=timesteps,
+        renoise="deterministic",
+        **cond,
+    )
     name = "dev" if "guidance" in cond else "schnell"
     _report(f"Flux-{name} {steps} steps (shift {schedule.shift:.3f})", got, want)
     torch.testing.assert_close(got, want, **TOL)
@@ -133,10 +152,13 @@ def test_flux_adapter_packs_like_the_pipeline(flux: Any) -> None:
     tokens = FluxPipeline._pack_latents(x_t, BATCH, 4, SIDE, SIDE)
     ids = FluxPipeline._prepare_latent_image_ids(BATCH, SIDE // 2, SIDE // 2, x_t.device, x_t.dtype)
     raw = flux.transformer(
-        hidden_states=tokens, timestep=schedule.sigma(t).float(), img_ids=ids,
+        hidden_states=tokens,
+        timestep=schedule.sigma(t).float(),
+        img_ids=ids,
         txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3),
-        guidance=None if guidance is None else torch.full((BATCH,), guidance), **cond,
-    ).sample  # fmt: skip
+        guidance=None if guidance is None else torch.full((BATCH,), guidance),
+        **cond,
+    ).sample
     want = FluxPipeline._unpack_latents(raw, tiny.RESOLUTION, tiny.RESOLUTION, flux.vae_scale_factor)
     adapter = wrap(flux.transformer, schedule, "flow")
     assert isinstance(adapter.model, DiffusersFluxAdapter)

@@ -1,0 +1,239 @@
+"""Models of ``add_flow.py``: the pipeline's parts, student and teacher (one copy with LoRA), discriminator.
+
+- ``load_models``: a diffusers ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or the tiny
+  preset's) supplies the text encoders, tokenizers, VAE, scheduler and the transformer. With
+  ``--lora-rank r`` the transformer gets LoRA adapters (diffusers' ``add_adapter``) and *is* the
+  student; the teacher is the same module with its adapters disabled
+  (``addkit.denoisers.AdaptersDisabled``), so the transformer's weights are held once. A full
+  fine-tune trains a copy and keeps the pipeline's transformer as the frozen teacher.
+- ``flow_schedule``: the student's ``FlowSchedule`` with the model's shift (SD3: the
+  scheduler's 3.0; Flux: $e^{\\mu}$ for the training resolution's token count, as
+  ``FluxPipeline`` computes it).
+- ``PromptEncoder``: captions to the transformer's conditioning with the pipeline's own
+  ``encode_prompt`` (SD3: CLIP-L + CLIP-G + T5; Flux: pooled CLIP + T5).
+- ``build_discriminator``: LADD's heads on the teacher's image tokens at several blocks, or
+  ADD's DINOv2 on decoded images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import add_flow_tiny as tiny
+import addkit
+from add_flow_state import RecipeError
+from addkit.denoisers import AdaptersDisabled
+
+FAMILIES = ("sd3", "flux")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+"""Attention projections of both streams (diffusers' SD3 and Flux LoRA scripts adapt the same)."""
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for FLUX.1-dev
+
+
+@dataclass
+class FlowModels:
+    """What the recipe trains and reads; see the module docs."""
+
+    family: str  # "sd3" or "flux"
+    pipe: Any  # the diffusers pipeline (text encoders, tokenizers, VAE, scheduler)
+    student: nn.Module  # the transformer being trained (LoRA on the base, or a full copy)
+    teacher: nn.Module  # AdaptersDisabled(student) with LoRA; the frozen base otherwise
+    schedule: addkit.FlowSchedule
+    guidance: float | None  # the guidance-embedding scale of a guidance-distilled Flux
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The base transformer (the student itself with LoRA)."""
+        return self.pipe.transformer
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.transformer.config.pooled_projection_dim)
+
+
+def flow_schedule(pipe: Any, resolution: int) -> addkit.FlowSchedule:
+    """The model's shift: the scheduler's for SD3, $e^{\\mu(N)}$ for Flux at ``resolution`` pixels."""
+    scheduler = pipe.scheduler
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        return addkit.FlowSchedule.from_diffusers(scheduler)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    side = resolution // pipe.vae_scale_factor
+    tokens = (side // 2) ** 2  # Flux packs 2 x 2 latent patches into one token
+    cfg = scheduler.config
+    mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    return addkit.FlowSchedule.from_diffusers(scheduler, mu=mu)
+
+
+def load_models(args: argparse.Namespace, weight_dtype: torch.dtype) -> FlowModels:
+    """Pipeline, student, teacher and schedule (tiny preset or a diffusers checkpoint)."""
+    if args.preset == "tiny":
+        variant = {"guidance_embeds": args.tiny_flux == "dev"} if args.model == "flux" else {}
+        pipe = tiny.pipeline(args.model, args.seed, **variant)
+    else:
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        cls = StableDiffusion3Pipeline if args.model == "sd3" else FluxPipeline
+        pipe = cls.from_pretrained(args.pretrained, revision=args.revision, torch_dtype=weight_dtype)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False).eval()
+    base = pipe.transformer
+    guidance = None
+    if base.config.get("guidance_embeds", False):  # FLUX.1-dev: teacher and student take the same scale
+        guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    elif args.guidance is not None:
+        raise RecipeError(f"--guidance {args.guidance}: this transformer has no guidance embedding")
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            base.add_adapter(
+                LoraConfig(
+                    r=args.lora_rank,
+                    lora_alpha=args.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(args.lora_targets),
+                )
+            )
+        student, teacher = base, AdaptersDisabled(base)  # one copy of the transformer's weights
+    else:
+        student, teacher = copy.deepcopy(base).requires_grad_(True), base
+    student.train()
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    schedule = flow_schedule(pipe, args.resolution)
+    return FlowModels(args.model, pipe, student, teacher, schedule, guidance)
+
+
+class PromptEncoder:
+    """Captions -> ``(cond, pooled)``: the transformer's keyword arguments and the pooled text.
+
+    ``cond`` holds ``encoder_hidden_states`` and ``pooled_projections`` (and ``guidance`` for a
+    guidance-distilled Flux); ``pooled`` conditions the discriminator's heads.
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its ``encode_prompt`` runs).
+        guidance: the Flux guidance-embedding scale, or ``None``.
+        device: where the embeddings go.
+        max_sequence_length: T5 tokens.
+    """
+
+    def __init__(
+        self, pipe: Any, guidance: float | None, device: torch.device, max_sequence_length: int
+    ) -> None:
+        self.pipe, self.guidance, self.device, self.max_sequence_length = (
+            pipe,
+            guidance,
+            device,
+            max_sequence_length,
+        )
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
+        pipe, n = self.pipe, self.max_sequence_length
+        if family(pipe) == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                list(captions),
+                None,
+                None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=n,
+            )
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(
+                list(captions), None, device=self.device, max_sequence_length=n
+            )
+        cond: dict[str, Any] = {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+        if self.guidance is not None:
+            cond["guidance"] = self.guidance
+        return cond, pooled.float()
+
+
+def family(pipe: Any) -> str:
+    """``"sd3"`` or ``"flux"`` from the pipeline's transformer."""
+    name = type(pipe.transformer).__name__
+    if name.startswith("SD3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
+    raise RecipeError(f"expected an SD3 or Flux transformer, got {name}")
+
+
+def encode_images(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Latents of images in ``[-1, 1]``: $(z - \\text{shift}) \\cdot \\text{scale}$ (SD3 / Flux VAEs)."""
+    z = vae.encode(pixels.to(vae.dtype)).latent_dist.sample().float()
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in about ``[-1, 1]`` (differentiable)."""
+    z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
+
+
+def block_names(transformer: nn.Module) -> list[str]:
+    """The transformer blocks in call order (Flux: double-stream, then single-stream)."""
+    names = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
+    singles = getattr(transformer, "single_transformer_blocks", [])
+    return names + [f"single_transformer_blocks.{i}" for i in range(len(singles))]
+
+
+def default_taps(transformer: nn.Module, count: int) -> list[str]:
+    """``count`` blocks evenly spaced over the depth, the last block included."""
+    names = block_names(transformer)
+    count = min(count, len(names))
+    return [names[round((k + 1) * len(names) / count) - 1] for k in range(count)]
+
+
+def image_tokens(output: Any) -> torch.Tensor:
+    """The image stream of a joint block's output ``(text tokens, image tokens)`` (SD3 and Flux)."""
+    return output[1]
+
+
+def build_discriminator(
+    args: argparse.Namespace, models: FlowModels, teacher: Any
+) -> addkit.ProjectedDiscriminator:
+    """LADD (``--discriminator teacher``) or ADD's DINOv2 (``dinov2``), heads seeded from ``--seed``.
+
+    ``teacher`` is the wrapped teacher (``addkit.wrap``), which the feature network calls.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 2)
+        if args.discriminator == "teacher":
+            inner = models.transformer
+            taps = list(args.teacher_taps or default_taps(inner, args.num_taps))
+            width = inner.config.num_attention_heads * inner.config.attention_head_dim
+            features = addkit.TeacherFeatures(
+                models.teacher,
+                models.schedule,
+                taps,
+                channels=[width] * len(taps),
+                call=teacher,
+                select=image_tokens,
+                logit_mean=args.disc_logit_mean,
+                logit_std=args.disc_logit_std,
+            )
+            return addkit.ProjectedDiscriminator(features, c_text_dim=models.pooled_dim)
+        augment = addkit.DiffAugment()
+        if args.preset == "tiny":
+            from addkit.testing import tiny_dinov2_kwargs
+
+            return addkit.ProjectedDiscriminator.from_dinov2(
+                c_text_dim=models.pooled_dim, augment=augment, **tiny_dinov2_kwargs()
+            )
+        return addkit.ProjectedDiscriminator.from_dinov2(
+            args.dinov2,
+            pretrained=args.dinov2_weights or True,
+            resolution=args.dinov2_resolution,
+            c_text_dim=models.pooled_dim,
+            augment=augment,
+        )

@@ -1,0 +1,144 @@
+"""Grid, diversity and export of ``add_flow.py`` (main process; EMA weights when enabled).
+
+- ``report``: a PNG grid (rows: 1 step and ``--student-steps`` steps for each prompt; columns:
+  seeds) sampled with ``addkit.sampling.sample`` (ADD's fresh re-noising, no guidance), and the
+  mean pairwise distance of samples of one prompt in the discriminator's features (a collapse
+  of diversity drives it towards 0), logged to TensorBoard.
+- ``export``: ``export/lora`` (diffusers LoRA format, for ``pipe.load_lora_weights``) or
+  ``export/transformer`` (a full fine-tune), and with ``--export-pipeline`` a complete
+  ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder with the student's transformer (LoRA
+  fused) and a scheduler set to sample as the student was trained: ``stochastic_sampling=True``
+  is ADD's fresh re-noising; pass the student's times as ``sigmas=[1.0, 0.75, 0.5, 0.25]`` to
+  the SD3 pipeline (Flux's default sigmas are those already).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import add_flow_models as fm
+import add_flow_tiny as tiny
+import addkit
+from addkit.sampling import sample
+
+PROMPTS = ("a photo of a cat sitting on a windowsill", "a watercolor painting of a lighthouse at dawn")
+
+
+@contextlib.contextmanager
+def ema_weights(run: Any) -> Iterator[None]:
+    """The EMA weights in the student for the block (nothing without ``--ema-decay``)."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(run.trainable)
+    run.ema.copy_to(run.trainable)
+    try:
+        yield
+    finally:
+        run.ema.restore(run.trainable)
+
+
+@torch.no_grad()
+def generate(run: Any, prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:
+    """Latents ``[len(prompts) * len(seeds), C, h, w]`` (prompt-major), ``steps`` student steps."""
+    models, device = run.models, run.accelerator.device
+    student = addkit.wrap(run.accelerator.unwrap_model(run.student), models.schedule, "flow")
+    side = run.args.resolution // models.pipe.vae_scale_factor
+    shape = (models.pipe.vae.config.latent_channels, side, side)
+    out = []
+    for prompt in prompts:
+        cond, _ = run.prompts([prompt] * len(seeds))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        gen = torch.Generator(device).manual_seed(10_000 + seeds[0])  # re-noising between steps
+        timesteps = models.schedule.timesteps(steps)
+        out.append(
+            sample(
+                student,
+                noise.to(device),
+                schedule=models.schedule,
+                timesteps=timesteps,
+                renoise="fresh",
+                generator=gen,
+                **cond,
+            )
+        )
+    return torch.cat(out)
+
+
+def report(run: Any, step: int) -> None:
+    """Write ``samples/step-N.png`` and log the diversity scalars."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    args = run.args
+    prompts = list(args.grid_prompts or (tiny.PROMPTS if args.preset == "tiny" else PROMPTS))
+    with ema_weights(run):
+        rows = [
+            fm.decode_latents(run.models.pipe.vae, generate(run, prompts, list(args.grid_seeds), n))
+            for n in sorted({1, args.student_steps})
+        ]
+        grid = make_grid(torch.cat(rows).clamp(-1, 1) * 0.5 + 0.5, nrow=len(args.grid_seeds), padding=0)
+        path = run.output_dir / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()).save(path)
+        run.accelerator.log(diversity(run, prompts[0]), step=step)
+
+
+@torch.no_grad()
+def diversity(run: Any, prompt: str) -> dict[str, float]:
+    """Mean pairwise L2 distance over ``--diversity-seeds`` samples, in the discriminator's features."""
+    args, disc, out = run.args, run.disc, {}
+    seeds = list(range(args.diversity_seeds))
+    was_training = disc.training
+    disc.eval()  # no augmentation
+    cond, _ = run.prompts([prompt] * len(seeds))
+    for n in sorted({1, args.student_steps}):
+        latents = generate(run, [prompt], seeds, n)
+        if args.discriminator == "teacher":
+            x, kwargs = latents, {**cond, "t": 0.5}  # the teacher's features at a fixed noise level
+        else:
+            x, kwargs = fm.decode_latents(run.models.pipe.vae, latents).clamp(-1, 1), {}
+        feats = disc.extract(x, generator=torch.Generator(x.device).manual_seed(0), **kwargs)
+        vec = torch.cat([f.float().mean(dim=2) for f in feats], dim=1)
+        out[f"diversity/feature_distance_{n}step"] = float(torch.pdist(vec).mean())
+    disc.train(was_training)
+    return out
+
+
+def export(run: Any) -> Path:
+    """Write the student (see the module docs); returns ``<output-dir>/export``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    args, models = run.args, run.models
+    out = run.output_dir / "export"
+    student = run.accelerator.unwrap_model(run.student)
+    pipeline_cls = type(models.pipe)
+    with ema_weights(run):
+        if args.lora_rank:
+            from peft.utils import get_peft_model_state_dict
+
+            layers = get_peft_model_state_dict(
+                student
+            )  # peft's key format, as diffusers' SD3 / Flux scripts save
+            pipeline_cls.save_lora_weights(str(out / "lora"), transformer_lora_layers=layers)
+        else:
+            student.save_pretrained(out / "transformer")
+        transformer = None
+        if args.export_pipeline:
+            transformer = copy.deepcopy(student).eval()
+            if args.lora_rank:
+                transformer.fuse_lora()
+                transformer.unload_lora()
+    if transformer is not None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            models.pipe.scheduler.config, stochastic_sampling=True
+        )
+        parts = {**models.pipe.components, "transformer": transformer, "scheduler": scheduler}
+        pipeline_cls(**parts).save_pretrained(out)
+    return out
