@@ -101,7 +101,8 @@ def renoise_coefficients(
     elif renoise == "deterministic":
         if bool((s == 0).any()):
             raise ValueError(
-                f"{fn}: renoise='deterministic' needs sigma > 0 at every step but the last, got timesteps {values}"
+                f"{fn}: renoise='deterministic' needs sigma > 0 at every step but the last, "
+                f"got timesteps {values}"
             )
         rho = torch.ones_like(a)
         k_x = s_next / s
