@@ -440,6 +440,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     wrappers), restoring exactly the state found: layers that were off stay off, and every
     ``requires_grad`` flag is put back (peft clears the adapters' flags while they are off).
 
+    Gradient checkpointing (the ``gradient_checkpointing`` flag of diffusers and transformers
+    modules) is suspended inside the block: a checkpointed segment is recomputed during the
+    backward pass, after the block, when the adapters are on again, and would not match its
+    forward. A forward with gradients inside the block therefore keeps its activations.
+
     Yields:
         ``model`` itself.
 
@@ -459,11 +464,16 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = [layer for layer in _check_adapted("adapters_disabled", model) if not layer.disable_adapters]
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for layer in layers:
         layer.enable_adapters(False)
+    for module in checkpointed:
+        module.gradient_checkpointing = False
     try:
         yield model
     finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
         for layer in layers:
             layer.enable_adapters(True)
         for p, flag in flags:

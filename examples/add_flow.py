@@ -262,6 +262,10 @@ def micro_step(
     cfg = args.guidance_scale != 1.0 or args.weighting == "nfsd"
     synth_cfg = args.data_source == "teacher" and args.synth_guidance_scale != 1.0
     uncond = _uncond(run, cond) if cfg or synth_cfg else None
+    negative = None
+    if args.weighting == "nfsd":  # NFSD: the negative prompt's prediction, same guidance embedding
+        negative_text, _ = run.prompts([args.negative_prompt] * len(batch["caption"]))
+        negative = {**cond, **negative_text}
     if args.data_source == "real":
         with torch.no_grad():
             x0 = fm.encode_images(models.pipe.vae, batch["pixels"].to(acc.device))
@@ -278,6 +282,7 @@ def micro_step(
             student_x0,
             teacher_cond=cond,
             teacher_uncond=uncond if cfg else None,
+            negative_cond=negative,
             c_text=pooled,
             student_t=inp.t,
             feature_kwargs=feature_cond,

@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
     a("--distill-space", choices=("latent", "pixel"), default="latent")
     a("--guidance-scale", type=float, default=1.0, help="teacher CFG in the distillation loss (1 = off)")
+    a(
+        "--negative-prompt",
+        default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
+        help="NFSD's negative prompt (--weighting nfsd)",
+    )
     a("--adversarial-loss", choices=("hinge", "non_saturating"), default="hinge")
     a("--r1-gamma", type=float, default=1e-5)
     a("--r1-placement", choices=("features", "images", "approximate", "none"), default="features")

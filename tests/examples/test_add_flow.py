@@ -282,44 +282,42 @@ def test_bad_arguments_are_refused() -> None:
 
 
 # -- slow: distribution, crash safety, the remaining flags -------------------------------------
-@pytest.mark.slow
-def test_two_processes_with_accelerate_launch(tmp_path: Path) -> None:
+def _launch(tmp_path: Path, launch: list[str], argv: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch <launch> examples/add_flow.py <argv>`` in a fresh process on CPU."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(ROOT / "examples" / "add_flow.py"),
-        "--model",
-        "flux",
-        "--lora-rank",
-        "4",
-        "--max-steps",
-        "2",
-        "--output-dir",
-        str(tmp_path),
-        *FAST,
-    ]
+    script = str(ROOT / "examples" / "add_flow.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1",
+           "--dynamo_backend", "no", "--main_process_port", str(port), script, *argv,
+           "--output-dir", str(tmp_path), *FAST]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_launch(tmp_path: Path) -> None:
+    # accelerate 1.x: `--multi_gpu` starts two processes through torchrun; ACCELERATE_USE_CPU=1 makes
+    # them gloo CPU ranks
+    launch = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    proc = _launch(tmp_path, launch, ["--model", "flux", "--lora-rank", "4", "--max-steps", "2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [p.name for p in add_flow_state.checkpoints(tmp_path)] == ["step-0000002"]
     assert (tmp_path / "checkpoints" / "step-0000002" / "random_states_1.pkl").is_file()
+    assert (tmp_path / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_lora(tmp_path: Path) -> None:
+    """In its own process: accelerate fixes the mixed precision once per process."""
+    launch = ["--num_processes", "1", "--mixed_precision", "bf16"]
+    argv = ["--model", "sd3", "--mixed-precision", "bf16", "--lora-rank", "4", "--max-steps", "2",
+            "--sample-every", "2"]  # fmt: skip
+    proc = _launch(tmp_path, launch, argv)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "samples" / "step-0000002.png").is_file()
     assert (tmp_path / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -360,69 +358,26 @@ def test_crash_during_checkpoint_write_resumes_from_previous(tmp_path: Path, mon
     assert_same_weights(resumed["discriminator"], reference["discriminator"])
 
 
-FLAGS = {
-    "flux-schnell-lora": ["--model", "flux", "--tiny-flux", "schnell", "--lora-rank", "4"],
-    "sd3-teacher-data-cfg": ["--model", "sd3", "--data-source", "teacher", "--synth-guidance-scale", "4"],
-    "sd3-distill-cfg-nonsaturating": [
-        "--model",
-        "sd3",
-        "--lambda-distill",
-        "1",
-        "--guidance-scale",
-        "3",
-        "--adversarial-loss",
-        "non_saturating",
-    ],
-    "sd3-dinov2-pixel-nfsd": [
-        "--model",
-        "sd3",
-        "--discriminator",
-        "dinov2",
-        "--distill-space",
-        "pixel",
-        "--weighting",
-        "nfsd",
-        "--guidance-scale",
-        "2",
-    ],
-    "flux-r1-images-taps": [
-        "--model",
-        "flux",
-        "--r1-placement",
-        "images",
-        "--teacher-taps",
-        "single_transformer_blocks.0",
-        "--disc-logit-mean",
-        "0.5",
-    ],
-    "sd3-r1-approximate-lazy": [
-        "--model",
-        "sd3",
-        "--r1-placement",
-        "approximate",
-        "--r1-gamma",
-        "100",
-        "--r1-interval",
-        "2",
-        "--student-steps",
-        "2",
-    ],
-    "flux-accumulate-checkpointing": [
-        "--model",
-        "flux",
-        "--gradient-accumulation",
-        "2",
-        "--gradient-checkpointing",
-        "--lora-rank",
-        "2",
-    ],
-    "sd3-bf16-lora": ["--model", "sd3", "--mixed-precision", "bf16", "--lora-rank", "4"],
+FLAGS = {  # name -> add_flow.py arguments
+    "flux-schnell-lora": "--model flux --tiny-flux schnell --lora-rank 4",
+    "sd3-teacher-data-cfg": "--model sd3 --data-source teacher --synth-guidance-scale 4",
+    "sd3-distill-cfg-ns": "--model sd3 --lambda-distill 1 --guidance-scale 3 --adversarial-loss "
+    "non_saturating",
+    "sd3-dinov2-nfsd": "--model sd3 --discriminator dinov2 --distill-space pixel --weighting nfsd "
+    "--guidance-scale 2",
+    "flux-r1-images-taps": "--model flux --r1-placement images --teacher-taps single_transformer_blocks.0 "
+    "--disc-logit-mean 0.5",
+    "sd3-r1-approx-lazy": "--model sd3 --r1-placement approximate --r1-gamma 100 --r1-interval 2 "
+    "--student-steps 2",
+    "flux-accum-ckpt": "--model flux --gradient-accumulation 2 --gradient-checkpointing --lora-rank 2",
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FLAGS))
 def test_each_flag_runs(name: str, tmp_path: Path) -> None:
-    summary = run(tmp_path, *FLAGS[name], "--max-steps", "2", "--sample-every", "2", "--no-export-pipeline")
+    summary = run(
+        tmp_path, *FLAGS[name].split(), "--max-steps", "2", "--sample-every", "2", "--no-export-pipeline"
+    )
     assert summary["step"] == 2 and summary["nonfinite_total"] == 0
     assert (tmp_path / "samples" / "step-0000002.png").is_file()

@@ -186,3 +186,35 @@ def test_wrap_sees_through_the_view_to_the_flux_adapter() -> None:
     assert (
         teacher.model.transformer.get_submodule("transformer_blocks.0") is transformer.transformer_blocks[0]
     )
+
+
+def test_teacher_gradients_through_a_checkpointed_lora_transformer() -> None:
+    """LADD's generator step differentiates through the teacher; with gradient checkpointing on, the
+    teacher's segments must not be recomputed after the adapters are back on."""
+    from peft import LoraConfig
+
+    transformer = tiny.pipeline("sd3").transformer
+    transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    _perturb_lora(transformer)
+    schedule = FlowSchedule(shift=3.0)
+    student, teacher = (
+        wrap(transformer, schedule, "flow"),
+        wrap(AdaptersDisabled(transformer), schedule, "flow"),
+    )
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 32)}
+    x = torch.randn(2, 4, 8, 8)
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        else:
+            transformer.disable_gradient_checkpointing()
+        transformer.zero_grad(set_to_none=True)
+        x0 = student.x0(x, 0.75, **cond)
+        teacher.x0(x0, 0.5, **cond).square().mean().backward()
+        assert transformer.gradient_checkpointing is checkpointing  # restored after the teacher's call
+        return [p.grad for n, p in transformer.named_parameters() if "lora_" in n]
+
+    transformer.train()
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)
