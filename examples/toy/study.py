@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--dmd", action="store_true", help="only the teacher and DMD2 rows (results_dmd.json, table_dmd.md)"
     )
+    parser.add_argument(
+        "--flow",
+        action="store_true",
+        help="only the rectified-flow teacher and its ADD / LADD rows (results_flow.json, table_flow.md)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -237,4 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         from .dmd import run_dmd_study
 
         return run_dmd_study(cfg, args.out)
+    if args.flow:
+        from .flow_study import run_flow_study
+
+        return run_flow_study(cfg, args.out)
     return run_study(cfg, args.out)
