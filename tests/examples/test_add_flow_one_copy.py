@@ -218,3 +218,31 @@ def test_teacher_gradients_through_a_checkpointed_lora_transformer() -> None:
     transformer.train()
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b)
+
+
+def test_the_view_serves_an_sdxl_unet_too() -> None:
+    """What the SDXL recipe would call: ``AdaptersDisabled(unet)`` as teacher and LADD feature network."""
+    from peft import LoraConfig
+
+    from addkit import TeacherFeatures, VPSchedule
+    from addkit.testing import tiny_sdxl_unet
+
+    unet, base = tiny_sdxl_unet(), tiny_sdxl_unet()
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    _perturb_lora(unet)
+    schedule = VPSchedule.scaled_linear()
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 32), "text_embeds": torch.randn(2, 16),
+            "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}  # fmt: skip
+    x = torch.randn(2, 4, 8, 8)
+    teacher = wrap(AdaptersDisabled(unet), schedule, "eps")
+    with torch.no_grad():
+        want = wrap(base, schedule, "eps").x0(x, 499, **cond)
+        torch.testing.assert_close(teacher.x0(x, 499, **cond), want, rtol=0, atol=0)
+        assert (wrap(unet, schedule, "eps").x0(x, 499, **cond) - want).abs().max() > 1e-3
+        features = TeacherFeatures(
+            AdaptersDisabled(unet), schedule, ["mid_block"], channels=[64], call=teacher
+        )
+        assert features(x, t=499, **cond)[0].shape == (2, 64, 16)
+    assert all(
+        p.requires_grad for n, p in unet.named_parameters() if "lora_" in n
+    )  # not frozen by the features
