@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from addkit.testing import tiny_dinov2, tiny_dinov2_kwargs, tiny_sdxl_components
 
 RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 16 x 16
-MAX_TOKENS = 16  # tokenizer model_max_length == text encoder max_position_embeddings
+MAX_TOKENS = 77  # as CLIP: captions and the README prompts (character tokens) fit untruncated
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 import addkit
+from add_sdxl_models import square_time_ids, vae_decode
+from add_sdxl_report import save_grid
 from addkit.sampling import sample
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Parse ``argv``, sample one image per seed and save a row of them as ``--out``."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
-    from PIL import Image
 
     p = argparse.ArgumentParser(description="Few-step sampling of an ADD student with addkit.sampling.sample")
     p.add_argument("model", help="exported pipeline folder, or a UNet folder together with --base")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> Path:
             cond = {
                 "encoder_hidden_states": embeds,
                 "text_embeds": pooled,
-                "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * n, device=args.device).float(),
+                "time_ids": square_time_ids(side, n, args.device),
             }
         else:
             embeds, _ = pipe.encode_prompt(args.prompt, args.device, n, False)
@@ -76,10 +77,8 @@ def main(argv: list[str] | None = None) -> Path:
             generator=torch.Generator(args.device).manual_seed(0),
             **cond,
         )
-        images = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
-    row = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    out = Path(args.out)
-    Image.fromarray(torch.cat(list(row), dim=1).numpy()).save(out)
+        images = vae_decode(pipe.vae, x0)
+    out = save_grid(Path(args.out), images.float(), columns=n)  # one row, a column per seed
     print(f"wrote {out} ({n} image(s), {args.steps} step(s))")
     return out
 

@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from addkit import VPSchedule, to_v
 
@@ -36,11 +36,21 @@ def schedule() -> VPSchedule:
     return VPSchedule.scaled_linear()
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """$\\theta_{ema} \\leftarrow d\\,\\theta_{ema} + (1 - d)\\,\\theta$."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1.0 - decay)
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """An EMA of ``model``'s parameters (``torch.optim.swa_utils.AveragedModel``), starting at its weights.
+
+    The ``n``-th ``update_parameters(model)`` sets
+    $\\theta_{ema} \\leftarrow d_n\\,\\theta_{ema} + (1 - d_n)\\,\\theta$ with the warm-up
+    $d_n = \\min(d, n / (n + 9))$ (0.1 for the first update).
+    """
+
+    def average(ema_param: torch.Tensor, param: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = int(num_averaged)  # updates so far, the initial copy included
+        return ema_param.lerp(param, 1.0 - min(decay, n / (n + 9)))
+
+    ema = AveragedModel(model, avg_fn=average)
+    ema.update_parameters(model)  # the average starts at the current weights
+    return ema
 
 
 def train_teacher(
@@ -60,7 +70,7 @@ def train_teacher(
     data = load_digits_split("train")
     sched = schedule()
     model = make_unet(seed)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = ema_model(model, ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
 
@@ -82,12 +92,12 @@ def train_teacher(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update(ema, model, min(ema_decay, (1 + i) / (10 + i)))
+        ema.update_parameters(model)
         losses.append(loss.item())
         if (i + 1) % max(1, steps // 10) == 0:
             recent = sum(losses[-50:]) / len(losses[-50:])
             log(f"teacher step {i + 1}/{steps}: loss {recent:.4f} ({time.time() - start:.0f}s)")
-    return ema.eval(), losses
+    return ema.module.requires_grad_(False).eval(), losses
 
 
 def cached_teacher(out_dir: Path, steps: int, *, seed: int = 0, log=print) -> tuple[nn.Module, list[float]]:

@@ -1,0 +1,351 @@
+"""The command line of ``add_sdxl.py``: flags, their checks, and the paths checked before any model loads.
+
+Every flag is checked when it is parsed (argparse names the flag in one line): counts are
+integers with a lower bound, ``0`` means "never" where it says so (``--sample-every``,
+``--checkpoint-every``, ``--log-every``, ``--diversity-seeds``), rates and weights are finite
+numbers in range, and combinations that cannot work are refused. `check_paths` then finds
+I/O problems (a missing ``--data`` folder, an output folder that cannot be written, a
+``--resume`` folder that is not there) before anything is built; they raise `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+R1_PLACEMENTS = ("features", "images", "approximate", "none")
+ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
+
+
+class RecipeError(RuntimeError):
+    """A run cannot go on; the message says why and what to do."""
+
+
+class NonFiniteLossError(RecipeError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Value types: each refuses what it cannot take, and argparse names the flag
+# ---------------------------------------------------------------------------------------------
+def count(low: int, zero: str | None = None) -> Callable[[str], int]:
+    """An integer ``>= low`` (``zero`` documents what 0 means when ``low == 0``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{f' ({zero})' if zero else ''}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float = -math.inf, high: float = math.inf, *, open_low=False, open_high=False, inf=False):
+    """A float in ``[low, high]`` (ends open when asked); infinite only with ``inf=True``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isnan(value) or (math.isinf(value) and not inf):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if value < low or (open_low and value == low) or value > high or (open_high and value == high):
+            lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def injection(text: str) -> tuple[int, int | None]:
+    """``STEP`` or ``STEP:RANK`` for ``--debug-nonfinite-at``."""
+    step, _, rank = text.partition(":")
+    try:
+        return int(step), (int(rank) if rank else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEP or STEP:RANK, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="add_sdxl.py", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("models and data")
+    g.add_argument(
+        "--preset",
+        choices=("tiny", "none"),
+        default=None,
+        help="tiny: random SDXL-architecture models, generated data (default without --pretrained)",
+    )
+    g.add_argument("--pretrained", help="diffusers SDXL / SD 1.x / SD 2.x checkpoint (hub id or folder)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--output-dir", default="outputs/add_sdxl")
+    g.add_argument(
+        "--data", help="image+txt folder, .jsonl/.csv manifest, or a datasets name/path (tiny: generated)"
+    )
+    g.add_argument("--split", default="train")
+    g.add_argument("--image-column", default=None)
+    g.add_argument("--caption-column", default=None)
+    g.add_argument(
+        "--resolution",
+        type=count(8),
+        default=None,
+        help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)",
+    )
+    g.add_argument("--num-workers", type=count(0), default=0)
+
+    g = p.add_argument_group("student and precision")
+    g.add_argument(
+        "--lora-rank",
+        type=count(0, "0 = train the full student"),
+        default=0,
+        help="train a LoRA of this rank instead of the full student",
+    )
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="fp16 needs a GPU; its loss scaling is one GradScaler stepped once per optimiser step",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the student with FSDP2 (torch fully_shard) over all processes; no EMA, LoRA or fp16",
+    )
+
+    g = p.add_argument_group("objective (addkit.ADDObjective; defaults from the library where it has them)")
+    g.add_argument("--lambda-distill", type=number(0), default=2.5, help="ADD §4: 2.5")
+    g.add_argument("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
+    g.add_argument(
+        "--distill-space",
+        choices=("pixel", "latent"),
+        default="pixel",
+        help="ADD: pixel (decoded by the VAE)",
+    )
+    g.add_argument(
+        "--guidance-scale", type=number(0), default=1.0, help="teacher CFG in the distillation loss (1 = off)"
+    )
+    g.add_argument(
+        "--negative-prompt",
+        default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
+        help="NFSD's negative prompt (--weighting nfsd)",
+    )
+    g.add_argument("--adversarial-loss", choices=ADVERSARIAL_LOSSES, default="hinge")
+    g.add_argument("--r1-placement", choices=R1_PLACEMENTS, default="features", help="none: no R1")
+    g.add_argument(
+        "--r1-gamma",
+        type=number(0),
+        default=None,
+        help="R1 weight (default: the placement's, 1e-5 features/images, 100 approximate)",
+    )
+    g.add_argument("--r1-interval", type=count(1), default=1)
+    g.add_argument(
+        "--student-timesteps",
+        type=count(0),
+        nargs="+",
+        default=None,
+        help="default: the schedule's 4 trailing timesteps (999 749 499 249)",
+    )
+
+    g = p.add_argument_group("discriminator")
+    g.add_argument(
+        "--discriminator",
+        choices=("dinov2", "teacher"),
+        default="dinov2",
+        help="dinov2: ADD's DINOv2 features on decoded images; teacher: LADD's teacher features on latents",
+    )
+    g.add_argument("--dinov2", default="vit_small_patch14_dinov2.lvd142m", help="timm name (ADD: ViT-S/14)")
+    g.add_argument("--dinov2-weights", default=None, help="local weights file for --dinov2 (offline)")
+    g.add_argument("--dinov2-resolution", type=count(14), default=224)
+    g.add_argument(
+        "--image-encoder",
+        default="vit_large_patch14_dinov2.lvd142m",
+        help="timm model for the discriminator's image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'",
+    )
+    g.add_argument("--teacher-taps", nargs="+", default=None, help="UNet blocks for --discriminator teacher")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=count(1), default=None)
+    g.add_argument("--batch-size", type=count(1), default=None, help="per process and micro-batch")
+    g.add_argument("--gradient-accumulation", type=count(1), default=1)
+    g.add_argument(
+        "--lr",
+        type=number(0, open_low=True),
+        default=None,
+        help="student learning rate (default 1e-5; tiny 1e-4)",
+    )
+    g.add_argument(
+        "--lr-d",
+        type=number(0, open_low=True),
+        default=None,
+        help="discriminator learning rate (default 2e-5; tiny 1e-4)",
+    )
+    g.add_argument("--warmup-steps", type=count(0), default=0)
+    g.add_argument("--adam-betas-d", type=number(0, 1, open_high=True), nargs=2, default=[0.0, 0.99])
+    g.add_argument("--weight-decay", type=number(0), default=1e-2)
+    g.add_argument(
+        "--max-grad-norm",
+        type=number(0, open_low=True, inf=True),
+        default=1.0,
+        help="clip the student's gradient norm (inf = no clipping)",
+    )
+    g.add_argument(
+        "--ema-decay",
+        type=number(0, 1, open_high=True),
+        default=0.0,
+        help="EMA of the student (0 = off; e.g. 0.999)",
+    )
+    g.add_argument("--seed", type=count(0), default=0)
+
+    g = p.add_argument_group("checkpoints, logs, samples")
+    g.add_argument(
+        "--checkpoint-every",
+        type=count(0, "0 = never"),
+        default=None,
+        help="checkpoint every N steps and at the end (0 = never; default 500, tiny 2)",
+    )
+    g.add_argument("--checkpoints-keep", type=count(0, "0 = keep all"), default=3)
+    g.add_argument(
+        "--resume", default=None, help="'latest' (the newest complete checkpoint) or a checkpoint folder"
+    )
+    g.add_argument("--max-nonfinite-in-row", type=count(1), default=10)
+    g.add_argument(
+        "--sample-every",
+        type=count(0, "0 = never"),
+        default=None,
+        help="sample grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)",
+    )
+    g.add_argument("--grid-prompts", nargs="+", default=None)
+    g.add_argument("--grid-seeds", type=count(0), nargs="+", default=[0, 1])
+    g.add_argument(
+        "--diversity-seeds",
+        type=count(0, "0 = off"),
+        default=4,
+        help="samples for the diversity scalars (0 = off; at least 2)",
+    )
+    g.add_argument("--log-every", type=count(0, "0 = never"), default=1)
+    g.add_argument(
+        "--export-pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write a complete pipeline folder (default: on for tiny)",
+    )
+    g.add_argument(
+        "--debug-nonfinite-at",
+        type=injection,
+        nargs="*",
+        default=[],
+        metavar="STEP[:RANK]",
+        help="(testing) make the student's output NaN at these steps (on one process with :RANK)",
+    )
+    return p  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
+    """Parse and check ``argv``; fill the preset's defaults. Errors exit with argparse's one line."""
+    p = build_parser(description)
+    args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "none" if args.pretrained else "tiny"
+    tiny = args.preset == "tiny"
+    if tiny and args.pretrained:
+        p.error("--preset tiny builds its own models: drop --pretrained, or use --preset none")
+    if not tiny and not args.pretrained:
+        p.error("--preset none needs --pretrained")
+    if not tiny and not args.data:
+        p.error("--data is required with --pretrained")
+    defaults = {
+        "max_steps": 4 if tiny else 10_000,
+        "batch_size": 2 if tiny else 4,
+        "lr": 1e-4 if tiny else 1e-5,
+        "lr_d": 1e-4 if tiny else 2e-5,
+        "checkpoint_every": 2 if tiny else 500,
+        "sample_every": 4 if tiny else 500,
+        "export_pipeline": tiny,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for message in _conflicts(args):
+        p.error(message)
+    return args
+
+
+def _conflicts(args: argparse.Namespace) -> list[str]:
+    """Combinations of flags that cannot work, each as the message argparse prints."""
+    out = []
+    if args.discriminator == "teacher" and args.distill_space == "pixel":
+        out.append("--discriminator teacher works on latents: use --distill-space latent")
+    if args.teacher_taps and args.discriminator != "teacher":
+        out.append("--teacher-taps needs --discriminator teacher")
+    if args.r1_placement == "none" and args.r1_gamma is not None:
+        out.append("--r1-gamma has no effect with --r1-placement none: drop one of them")
+    if args.diversity_seeds == 1:
+        out.append("--diversity-seeds must be 0 (off) or at least 2 (a distance needs two samples)")
+    if args.student_timesteps is not None and len(set(args.student_timesteps)) != len(args.student_timesteps):
+        out.append(f"--student-timesteps must be distinct, got {args.student_timesteps}")
+    if any(step < 1 or step > args.max_steps for step, _ in args.debug_nonfinite_at):
+        out.append(f"--debug-nonfinite-at: steps must lie in 1..{args.max_steps}")
+    if args.fsdp:
+        for flag, on in (("--ema-decay", args.ema_decay > 0), ("--lora-rank", args.lora_rank > 0),
+                         ("--mixed-precision fp16", args.mixed_precision == "fp16")):  # fmt: skip
+            if on:
+                out.append(f"--fsdp does not support {flag} (supported: full student, no EMA, bf16 or no)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths, checked before any model is built
+# ---------------------------------------------------------------------------------------------
+def _looks_local(text: str) -> bool:
+    """A path rather than a hub name (``user/name``): absolute, ``./``, ``~``, a file suffix, or deeper."""
+    path = Path(text)
+    return (
+        path.is_absolute() or text.startswith((".", "~")) or path.suffix.lower() in (".jsonl", ".csv")
+        or text.count("/") > 1 or path.exists()
+    )  # fmt: skip
+
+
+def _writable_folder(flag: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RecipeError(f"{flag}: cannot write to the folder {folder} ({err.strerror or err})") from err
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse missing inputs and unwritable outputs (one line each) before anything is built.
+
+    Raises:
+        RecipeError: naming the flag and the path.
+    """
+    output = Path(args.output_dir)
+    _writable_folder("--output-dir", output)
+    for sub in ("checkpoints", "logs"):
+        _writable_folder(f"--output-dir (its {sub} folder)", output / sub)
+    if args.data and _looks_local(args.data) and not Path(args.data).expanduser().exists():
+        raise RecipeError(f"--data {args.data}: no such folder or file")
+    if args.pretrained and _looks_local(args.pretrained) and not Path(args.pretrained).expanduser().is_dir():
+        raise RecipeError(
+            f"--pretrained {args.pretrained}: no such folder (a diffusers checkpoint folder or hub id)"
+        )
+    if args.dinov2_weights and not Path(args.dinov2_weights).expanduser().is_file():
+        raise RecipeError(f"--dinov2-weights {args.dinov2_weights}: no such file")
+    if args.resume and args.resume != "latest" and not Path(args.resume).is_dir():
+        raise RecipeError(f"--resume {args.resume}: no such checkpoint folder (or use --resume latest)")

@@ -1,0 +1,262 @@
+"""One optimiser step of ``add_sdxl.py``: the run state and ``train_step``.
+
+Per micro-batch: encode captions and images; draw the student inputs at the student timesteps
+(pure noise at the first); generator step (student x0 -> adversarial + distillation loss, the
+discriminator frozen); discriminator step on real images and the detached student sample.
+Then, once per optimiser step: average the discriminator's gradients over processes, unscale
+(fp16), clip, and decide with **one** all-reduced flag whether anything in the step was
+non-finite (a loss or a gradient norm, on any process); every process then steps or skips
+alike. That flag is the step's only read from the device: logs stay tensors until written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor, nn
+
+from add_sdxl_models import Models, TextEncoder, embed_images, sdxl_time_ids, unconditional, vae_encode
+
+
+class Batch(TypedDict):
+    """A micro-batch from ``add_sdxl_data.ImageCaptionDataset``."""
+
+    pixels: Tensor  # [B, 3, R, R] in [-1, 1]
+    caption: list[str]
+    original_size: Tensor  # [B, 2]
+    crop_top_left: Tensor  # [B, 2]
+
+
+@dataclass
+class Progress:
+    """Counters saved with every checkpoint."""
+
+    step: int = 0  # optimiser steps attempted (skipped ones included)
+    samples: int = 0  # global data-stream position
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        vars(self).update(state)
+
+
+class LossScaling:
+    """fp16 loss scaling for the two optimisers: one ``GradScaler``, one ``update()`` per step.
+
+    accelerate steps its one scaler inside each prepared optimiser (``scaler.step`` then
+    ``update``) and unscales every optimiser in ``clip_grad_norm_``: with two optimisers the
+    second one's gradients are unscaled twice, and a skipped step never reaches ``update()``,
+    so the next ``unscale_`` raises. Here the scaler is used as torch documents for several
+    optimisers: scale each loss, ``unscale_`` each optimiser once, step, one ``update()``.
+    The recipe's all-reduced flag decides the step, so ``scaler.step`` (one host read per
+    optimiser) is not called; ``update()`` backs the scale off when an unscaled gradient was
+    inf/NaN. The gradients it checks are already averaged over processes, so every process
+    keeps the same scale.
+
+    Args:
+        scaler: the ``GradScaler`` (accelerate's for fp16 on a GPU), or None for no scaling.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.scaler = scaler
+
+    def backward(self, loss: Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale_(self, *optimizers: torch.optim.Optimizer) -> None:
+        for optimizer in optimizers if self.scaler is not None else ():
+            self.scaler.unscale_(optimizer)
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+
+@dataclass
+class RunState:
+    """Everything one optimiser step reads and changes (built by ``add_sdxl.setup``)."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    models: Models
+    student: nn.Module  # as trained: plain, DDP-wrapped or FSDP-sharded
+    denoiser: Any  # the student as an x0-predictor (addkit.wrap), calling `student`
+    discriminator: Any  # addkit.ProjectedDiscriminator, replicated on every process
+    objective: Any  # addkit.ADDObjective
+    text: TextEncoder
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_d: torch.optim.lr_scheduler.LRScheduler
+    scaling: LossScaling
+    ema: torch.optim.swa_utils.AveragedModel | None = None  # over the trainable parameters
+    progress: Progress = field(default_factory=Progress)
+    data: Iterator[Batch] | None = None
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for group in self.opt_g.param_groups for p in group["params"]]
+
+    @property
+    def fsdp(self) -> bool:
+        return bool(self.args.fsdp)
+
+
+@dataclass
+class StepResult:
+    """What ``train_step`` did: the step number, whether it was skipped, and its logs (tensors)."""
+
+    step: int
+    skipped: bool
+    logs: dict[str, Tensor]
+
+
+def train_step(state: RunState, batches: Sequence[Batch]) -> StepResult:
+    """One optimiser step over ``batches`` (the micro-batches of gradient accumulation).
+
+    Reads one value from the device: the all-reduced non-finite flag. A non-finite loss or
+    gradient norm on any process skips the step on every process (no optimiser, EMA or
+    scaler-growth update; the gradients are dropped) and counts it in ``state.progress``.
+    """
+    step = state.progress.step + 1
+    flags, logs = [], []
+    for i, batch in enumerate(batches):
+        with _gradient_sync(state, i == len(batches) - 1):
+            bad, micro_logs = _micro_step(state, batch, step)
+        flags.append(bad)
+        logs.append(micro_logs)
+    disc_params = list(state.discriminator.parameters())
+    _average_gradients(state.accelerator, disc_params)
+    state.scaling.unscale_(state.opt_g, state.opt_d)
+    norm_g = _full(torch.nn.utils.clip_grad_norm_(state.trainable, state.args.max_grad_norm))
+    norm_d = _full(torch.nn.utils.get_total_norm([p.grad for p in disc_params if p.grad is not None]))
+    flags += [~torch.isfinite(norm_g), ~torch.isfinite(norm_d)]
+    skipped = _any_process(state.accelerator, torch.stack(flags).any())  # the one host read
+    if not skipped:
+        state.opt_g.step()
+        state.opt_d.step()
+        if state.ema is not None:
+            _update_ema(state.ema, state.trainable)
+    state.scaling.update()
+    for optimizer, scheduler in ((state.opt_g, state.sched_g), (state.opt_d, state.sched_d)):
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # the schedule counts attempted steps, skipped ones too
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+            scheduler.step()
+    p = state.progress
+    p.step, p.samples = step, p.samples + _samples_per_step(state, len(batches))
+    p.nonfinite_total += skipped
+    p.nonfinite_in_row = p.nonfinite_in_row + 1 if skipped else 0
+    out = {k: torch.stack([m[k] for m in logs]).float().mean() for k in logs[0]}
+    out.update({"grad_norm/student": norm_g.detach(), "grad_norm/discriminator": norm_d.detach()})
+    return StepResult(step, skipped, out)
+
+
+def _micro_step(state: RunState, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Generator then discriminator backward on one micro-batch: (non-finite flag, logs)."""
+    args, acc, models, objective = state.args, state.accelerator, state.models, state.objective
+    pixels = batch["pixels"].to(acc.device)
+    cond, pooled = state.text(batch["caption"])
+    if models.sdxl:
+        size, crop = batch["original_size"].to(acc.device), batch["crop_top_left"].to(acc.device)
+        cond["time_ids"] = sdxl_time_ids(size, crop, args.resolution)
+    with torch.no_grad():
+        x0 = vae_encode(models.vae, pixels)
+        c_image = embed_images(models.image_encoder, pixels) if models.image_encoder is not None else None
+    inp = objective.sample_student_inputs(x0)  # the objective zeroes c_image at the pure-noise step
+    nfsd = args.weighting == "nfsd"
+    uncond = unconditional(cond, models, state.text) if args.guidance_scale != 1.0 or nfsd else None
+    negative = None
+    if nfsd:
+        negative, _ = state.text([args.negative_prompt] * len(batch["caption"]))
+        negative.update({k: v for k, v in cond.items() if k == "time_ids"})
+    scale = 1.0 / args.gradient_accumulation
+
+    state.discriminator.requires_grad_(False)  # generator step: gradients reach the student only
+    with acc.autocast():
+        student_x0 = state.denoiser.x0(inp.x_t, inp.t, **cond)
+        if (step, None) in args.debug_nonfinite_at or (step, acc.process_index) in args.debug_nonfinite_at:
+            student_x0 = student_x0 * float("nan")  # (testing) a forward pass gone non-finite
+        loss_g, logs_g = objective.generator_loss(
+            student_x0, teacher_cond=cond, teacher_uncond=uncond, negative_cond=negative,
+            c_text=pooled, c_image=c_image, student_t=inp.t,
+        )  # fmt: skip
+    state.scaling.backward(loss_g * scale)
+
+    state.discriminator.requires_grad_(True)
+    with acc.autocast():
+        with torch.no_grad():
+            fake = objective.discriminator_input(student_x0.detach())
+        real = pixels if args.discriminator == "dinov2" else x0
+        loss_d, logs_d = objective.discriminator_loss(
+            real, fake, c_text=pooled, c_image=c_image, student_t=inp.t, step=step
+        )
+    state.scaling.backward(loss_d * scale)
+    bad = ~(torch.isfinite(loss_g.detach()) & torch.isfinite(loss_d.detach()))
+    return bad, {**logs_g, **logs_d}
+
+
+def _gradient_sync(state: RunState, sync: bool) -> contextlib.AbstractContextManager:
+    """No gradient all-reduce on the micro-batches before the last one."""
+    if sync or state.accelerator.num_processes == 1:
+        return contextlib.nullcontext()
+    if state.fsdp:
+        return _fsdp_no_sync(state.student)
+    return state.accelerator.no_sync(state.student)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: Any) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def _average_gradients(accelerator: Any, params: list[nn.Parameter]) -> None:
+    """Average the discriminator's gradients over processes.
+
+    It is not wrapped by DDP: the objective calls its ``extract`` / ``classify`` directly,
+    which would bypass a wrapper's gradient hooks.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def _update_ema(ema: torch.optim.swa_utils.AveragedModel, params: list[nn.Parameter]) -> None:
+    """``ema.update_parameters`` without its ``n_averaged > 0`` test, a host read per step.
+
+    The average holds a value from the start (``setup`` takes the initial student), so the
+    EMA update (``get_ema_multi_avg_fn``) always applies.
+    """
+    averaged = [p.detach() for p in ema.module.parameters()]
+    ema.multi_avg_fn(averaged, [p.detach() for p in params], ema.n_averaged)
+    ema.n_averaged += 1
+
+
+def _full(norm: Tensor) -> Tensor:
+    """A gradient norm as a plain tensor (FSDP returns a DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _any_process(accelerator: Any, flag: Tensor) -> bool:
+    return bool(accelerator.reduce(flag.float().reshape(1), reduction="sum") > 0)
+
+
+def _samples_per_step(state: RunState, micro_batches: int) -> int:
+    return state.args.batch_size * state.accelerator.num_processes * micro_batches
