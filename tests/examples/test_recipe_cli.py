@@ -7,6 +7,7 @@ line (status 1), like the data errors.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -130,14 +131,28 @@ def test_missing_resume_folder_and_weights_are_refused(tmp_path):
         check_paths(args)
 
 
-def test_script_reports_an_io_error_as_one_line(tmp_path):
-    missing = tmp_path / "images"
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--data", "{tmp}/images"], "--data {tmp}/images: no such folder or file"),
+        (
+            ["--mixed-precision", "fp16"],
+            "--mixed-precision fp16 needs a GPU (on the CPU accelerate trains in float32)",
+        ),
+    ],
+    ids=["missing --data", "fp16 on the CPU"],
+)
+def test_script_reports_an_error_as_one_line(argv, line, tmp_path):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    script = str(ROOT / "examples" / "add_sdxl.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "add_sdxl.py"), "--data", str(missing), "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, script, *argv, "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"add_sdxl: error: --data {missing}: no such folder or file"]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"add_sdxl: error: {line.format(tmp=tmp_path)}")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stdout == ""
 
 
