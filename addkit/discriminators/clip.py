@@ -105,6 +105,11 @@ class CLIPFeatures(_ViTFeatures):
         except ModuleNotFoundError as err:
             raise _missing("clip", "open_clip_torch", "CLIPFeatures.from_open_clip") from err
         tag = "openai" if pretrained is True else (pretrained or None)
+        looks_like_file = isinstance(tag, str) and (
+            os.sep in tag or tag.endswith((".bin", ".pt", ".safetensors"))
+        )
+        if looks_like_file and not os.path.isfile(tag):
+            raise FileNotFoundError(f"CLIPFeatures.from_open_clip: pretrained={tag!r} is not a file")
         if tag == "openai":
             model_kwargs.setdefault("force_quick_gelu", True)
         if resolution is not None:

@@ -296,6 +296,10 @@ class DINOv2Features(_ViTFeatures):
         except ModuleNotFoundError as err:
             raise _missing("timm", "timm", "DINOv2Features.from_timm") from err
         if isinstance(pretrained, str):
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(
+                    f"DINOv2Features.from_timm: pretrained={pretrained!r} is not a file; {_OFFLINE_HINT}"
+                )
             model_kwargs.setdefault("pretrained_cfg_overlay", {"file": pretrained})
 
         def create() -> nn.Module:

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("timm")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-import addkit  # noqa: E402
+import addkit
 
 
 @pytest.fixture
@@ -52,3 +52,12 @@ def test_random_weights_need_no_hub(empty_cache, monkeypatch):
 
     D = addkit.ProjectedDiscriminator.from_dinov2(**tiny_dinov2_kwargs(), c_text_dim=8)
     assert len(D.heads) == 5
+
+
+def test_a_missing_local_weights_file_is_named(tmp_path):
+    missing = str(tmp_path / "dinov2.safetensors")
+    with pytest.raises(FileNotFoundError, match=f"from_timm: pretrained='{missing}' is not a file"):
+        addkit.ProjectedDiscriminator.from_dinov2(pretrained=missing)
+    pytest.importorskip("open_clip")
+    with pytest.raises(FileNotFoundError, match=f"from_open_clip: pretrained='{missing}' is not a file"):
+        addkit.ProjectedDiscriminator.from_clip(pretrained=missing)
