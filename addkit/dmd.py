@@ -29,8 +29,8 @@ simulation) instead of on noised real samples.
 
 References:
     Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*
-    (DMD2), arXiv 2405.14867, §4.1 (two time-scale update), §4.3 (GAN head on the fake
-    score), §4.4 (backward simulation).
+    (DMD2), arXiv 2405.14867: the two time-scale update rule, the GAN head on the fake
+    score (§4.3), backward simulation for multi-step generators.
     Yin et al., *One-step Diffusion with Distribution Matching Distillation* (DMD), arXiv
     2311.18828 (distribution matching, regression loss).
 """
@@ -65,7 +65,7 @@ class DMDObjective:
     r"""DMD2's losses for one generator update and one fake-score update.
 
     **Student inputs.** ``sample_student_inputs`` picks a student step $k$ uniformly; with
-    ``backward_simulation`` (DMD2 §4.4, default) the input at step $k$ is made by running the
+    ``backward_simulation`` (DMD2, default) the input at step $k$ is made by running the
     student's own first $k$ steps from noise without gradient and re-noising its estimate to
     $t_k$ with fresh noise (what the sampler does at inference), so a multi-step student
     trains on the inputs it will see. Step 0 is pure noise.

@@ -1,6 +1,6 @@
 """DMD2 on the toy: the same teacher, data and metrics as ADD, built from addkit's public parts.
 
-One generator update (DMD2 §4):
+One generator update (DMD2):
 
 1. ``fake_updates`` times: the student's sample from noise (backward simulation: at a random
    student step $k$ the input comes from its own first $k$ steps), then the fake score's
