@@ -4,8 +4,8 @@ Distribution matching distillation trains a few-step generator $G$ so that its s
 distribution matches the teacher's. The gradient of the (reverse) KL between the two noisy
 distributions at time $t$ is the difference of their scores; written with clean-sample
 estimates of the real score (the frozen teacher, with classifier-free guidance) and the fake
-score (a second denoiser trained on the generator's own samples) it reads (DMD2, Eq. 2–3,
-with the per-sample normaliser of DMD, Eq. 8):
+score (a second denoiser trained on the generator's own samples) it reads (DMD2,
+with the per-sample normaliser of DMD):
 
 $$ \nabla_{\hat x}\,\mathcal L_\text{DM} = \frac{\hat x_0^\text{fake}(x_t, t) -
    \hat x_0^\text{real}(x_t, t)}{\operatorname{mean}\,|\hat x - \hat x_0^\text{real}(x_t, t)|},
@@ -13,9 +13,9 @@ $$ \nabla_{\hat x}\,\mathcal L_\text{DM} = \frac{\hat x_0^\text{fake}(x_t, t) -
 
 References:
     Yin et al., *One-step Diffusion with Distribution Matching Distillation* (DMD), arXiv
-    2311.18828, §3.2, Eq. 7–8 (the normalised gradient), §3.3 (regression loss).
+    2311.18828 (the distribution matching gradient and its normaliser; the regression loss).
     Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*
-    (DMD2), arXiv 2405.14867, §3–4 (two time-scale update, GAN head, backward simulation).
+    (DMD2), arXiv 2405.14867 (two time-scale update, GAN head, backward simulation).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def distribution_matching_loss(
         0.0
 
     References:
-        DMD, arXiv 2311.18828, Eq. 7–8; DMD2, arXiv 2405.14867, Eq. 2.
+        DMD, arXiv 2311.18828; DMD2, arXiv 2405.14867.
     """
     fn = "distribution_matching_loss"
     check_floating(fn, "student_x0", student_x0)
@@ -180,7 +180,7 @@ def fake_score_loss(
 
     the ordinary diffusion loss in the fake score's own ``prediction`` space
     ([`prediction_target`][addkit.losses.matching.prediction_target]), so the fake score tracks
-    the score of the generator's current distribution (DMD2 §3, updated several times per
+    the score of the generator's current distribution (DMD2; updated several times per
     generator update).
 
     Args:
@@ -230,7 +230,7 @@ def regression_loss(
 ) -> Tensor:
     r"""DMD's regression loss on precomputed teacher pairs: $d(G(z), y)$ for the teacher's $y$ from $z$.
 
-    DMD (§3.3) runs the teacher's ODE sampler once offline on fixed noises $z$ and regresses
+    DMD runs the teacher's ODE sampler once offline on fixed noises $z$ and regresses
     the generator's output for the same $z$ onto the result, which anchors the mode coverage;
     DMD2 drops it. DMD uses LPIPS; the default here is the squared L2 per sample (mean over
     elements). Pass ``distance(a, b) -> [B]`` for LPIPS or another metric.
