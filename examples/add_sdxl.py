@@ -104,7 +104,6 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
             (accelerate's fp16 ``GradScaler``) does the loss scaling.
     """
     from accelerate.utils import set_seed
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     acc = accelerator or make_accelerator(args)
     say = print if acc.is_main_process else (lambda _: None)
@@ -125,44 +124,53 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
     else:
         student = acc.prepare(models.student)
     trainable = [p for p in models.student.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    opt_d = torch.optim.AdamW(
-        disc.parameters(), lr=args.lr_d, betas=tuple(args.adam_betas_d), weight_decay=0.0, fused=True
-    )
-    warmup = max(1, args.warmup_steps)
-    sched_g, sched_d = (
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)) for opt in (opt_g, opt_d)
-    )
-    ema = None
-    if args.ema_decay:  # over the trainable parameters, starting from the initial student
-        ema = AveragedModel(nn.ParameterList(trainable), multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
-        ema.requires_grad_(False).update_parameters(nn.ParameterList(trainable))
+    opt_g, opt_d, sched_g, sched_d = _optimisers(args, trainable, disc)
     state = RunState(
         args=args, accelerator=acc, models=models, student=student,
         denoiser=addkit.wrap(student, models.schedule, models.prediction), discriminator=disc,
         objective=_objective(args, models, disc), text=TextEncoder(models, acc.device),
-        opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, scaling=LossScaling(acc.scaler), ema=ema,
+        opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, scaling=LossScaling(acc.scaler),
+        ema=_ema(args.ema_decay, trainable),
     )  # fmt: skip
     if resume is not None:
         load_checkpoint(state, resume, say)
         say(f"add_sdxl: resumed from {resume} at step {state.progress.step}")
     dataset = data.ImageCaptionDataset(records, args.resolution)
-    sampler = data.StreamSampler(
-        len(dataset),
-        seed=args.seed,
-        start=state.progress.samples,
-        rank=acc.process_index,
-        world=acc.num_processes,
+    at = {"start": state.progress.samples, "rank": acc.process_index, "world": acc.num_processes}
+    sampler = data.StreamSampler(len(dataset), seed=args.seed, **at)
+    state.data = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            args.batch_size,
+            sampler=sampler,
+            num_workers=args.num_workers,
+            generator=torch.Generator(),
+        )
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        sampler=sampler,
-        generator=torch.Generator(),
-    )
-    state.data = iter(loader)
     return state
+
+
+def _optimisers(args: argparse.Namespace, trainable: list[nn.Parameter], disc: nn.Module) -> tuple:
+    """AdamW (fused: no host reads in ``step``) for both, with a linear warm-up."""
+    opt_g = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    betas = tuple(args.adam_betas_d)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr_d, betas=betas, weight_decay=0.0, fused=True)
+    warmup = max(1, args.warmup_steps)
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warmup)) for o in (opt_g, opt_d)
+    ]
+    return opt_g, opt_d, *schedules
+
+
+def _ema(decay: float, trainable: list[nn.Parameter]) -> Any:
+    """EMA of the trainable parameters (``AveragedModel``), starting from their initial values; None if off."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not decay:
+        return None
+    ema = AveragedModel(nn.ParameterList(trainable), multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.requires_grad_(False).update_parameters(nn.ParameterList(trainable))
+    return ema
 
 
 def _objective(args: argparse.Namespace, models: Any, disc: Any) -> addkit.ADDObjective:

@@ -82,176 +82,93 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="add_sdxl.py", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    # fmt: off
     g = p.add_argument_group("models and data")
-    g.add_argument(
-        "--preset",
-        choices=("tiny", "none"),
-        default=None,
-        help="tiny: random SDXL-architecture models, generated data (default without --pretrained)",
-    )
+    g.add_argument("--preset", choices=("tiny", "none"), default=None,
+                   help="tiny: random SDXL-architecture models, drawn data (default without --pretrained)")
     g.add_argument("--pretrained", help="diffusers SDXL / SD 1.x / SD 2.x checkpoint (hub id or folder)")
     g.add_argument("--revision", default=None)
     g.add_argument("--output-dir", default="outputs/add_sdxl")
-    g.add_argument(
-        "--data", help="image+txt folder, .jsonl/.csv manifest, or a datasets name/path (tiny: generated)"
-    )
+    g.add_argument("--data", help="image+txt folder, .jsonl/.csv manifest, or a datasets name/path")
     g.add_argument("--split", default="train")
     g.add_argument("--image-column", default=None)
     g.add_argument("--caption-column", default=None)
-    g.add_argument(
-        "--resolution",
-        type=count(8),
-        default=None,
-        help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)",
-    )
+    g.add_argument("--resolution", type=count(8), default=None,
+                   help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)")
     g.add_argument("--num-workers", type=count(0), default=0)
 
     g = p.add_argument_group("student and precision")
-    g.add_argument(
-        "--lora-rank",
-        type=count(0, "0 = train the full student"),
-        default=0,
-        help="train a LoRA of this rank instead of the full student",
-    )
+    g.add_argument("--lora-rank", type=count(0, "0 = train the full student"), default=0,
+                   help="train a LoRA of this rank instead of the full student")
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument(
-        "--mixed-precision",
-        choices=("no", "bf16", "fp16"),
-        default="no",
-        help="fp16 needs a GPU; its loss scaling is one GradScaler stepped once per optimiser step",
-    )
-    g.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard the student with FSDP2 (torch fully_shard) over all processes; no EMA, LoRA or fp16",
-    )
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="fp16 needs a GPU; its GradScaler is stepped once per optimiser step")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the student with FSDP2 (fully_shard) over all processes; no EMA, LoRA or fp16")
 
-    g = p.add_argument_group("objective (addkit.ADDObjective; defaults from the library where it has them)")
+    g = p.add_argument_group("objective (addkit.ADDObjective; unset options take the library's defaults)")
     g.add_argument("--lambda-distill", type=number(0), default=2.5, help="ADD §4: 2.5")
     g.add_argument("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
-    g.add_argument(
-        "--distill-space",
-        choices=("pixel", "latent"),
-        default="pixel",
-        help="ADD: pixel (decoded by the VAE)",
-    )
-    g.add_argument(
-        "--guidance-scale", type=number(0), default=1.0, help="teacher CFG in the distillation loss (1 = off)"
-    )
-    g.add_argument(
-        "--negative-prompt",
-        default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
-        help="NFSD's negative prompt (--weighting nfsd)",
-    )
+    g.add_argument("--distill-space", choices=("pixel", "latent"), default="pixel",
+                   help="ADD: pixel (decoded by the VAE)")
+    g.add_argument("--guidance-scale", type=number(0), default=1.0,
+                   help="teacher CFG in the distillation loss (1 = off)")
+    g.add_argument("--negative-prompt", help="NFSD's negative prompt (--weighting nfsd)",
+                   default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark")
     g.add_argument("--adversarial-loss", choices=ADVERSARIAL_LOSSES, default="hinge")
     g.add_argument("--r1-placement", choices=R1_PLACEMENTS, default="features", help="none: no R1")
-    g.add_argument(
-        "--r1-gamma",
-        type=number(0),
-        default=None,
-        help="R1 weight (default: the placement's, 1e-5 features/images, 100 approximate)",
-    )
+    g.add_argument("--r1-gamma", type=number(0), default=None,
+                   help="R1 weight (default: the placement's, 1e-5 features/images, 100 approximate)")
     g.add_argument("--r1-interval", type=count(1), default=1)
-    g.add_argument(
-        "--student-timesteps",
-        type=count(0),
-        nargs="+",
-        default=None,
-        help="default: the schedule's 4 trailing timesteps (999 749 499 249)",
-    )
+    g.add_argument("--student-timesteps", type=count(0), nargs="+", default=None,
+                   help="default: the schedule's 4 trailing timesteps (999 749 499 249)")
 
     g = p.add_argument_group("discriminator")
-    g.add_argument(
-        "--discriminator",
-        choices=("dinov2", "teacher"),
-        default="dinov2",
-        help="dinov2: ADD's DINOv2 features on decoded images; teacher: LADD's teacher features on latents",
-    )
+    g.add_argument("--discriminator", choices=("dinov2", "teacher"), default="dinov2",
+                   help="dinov2: ADD's DINOv2 on decoded images; teacher: LADD's teacher features on latents")
     g.add_argument("--dinov2", default="vit_small_patch14_dinov2.lvd142m", help="timm name (ADD: ViT-S/14)")
     g.add_argument("--dinov2-weights", default=None, help="local weights file for --dinov2 (offline)")
     g.add_argument("--dinov2-resolution", type=count(14), default=224)
-    g.add_argument(
-        "--image-encoder",
-        default="vit_large_patch14_dinov2.lvd142m",
-        help="timm model for the discriminator's image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'",
-    )
+    g.add_argument("--image-encoder", default="vit_large_patch14_dinov2.lvd142m",
+                   help="timm model for the image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'")
     g.add_argument("--teacher-taps", nargs="+", default=None, help="UNet blocks for --discriminator teacher")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=count(1), default=None)
     g.add_argument("--batch-size", type=count(1), default=None, help="per process and micro-batch")
     g.add_argument("--gradient-accumulation", type=count(1), default=1)
-    g.add_argument(
-        "--lr",
-        type=number(0, open_low=True),
-        default=None,
-        help="student learning rate (default 1e-5; tiny 1e-4)",
-    )
-    g.add_argument(
-        "--lr-d",
-        type=number(0, open_low=True),
-        default=None,
-        help="discriminator learning rate (default 2e-5; tiny 1e-4)",
-    )
+    g.add_argument("--lr", type=number(0, open_low=True), default=None,
+                   help="student learning rate (default 1e-5; tiny 1e-4)")
+    g.add_argument("--lr-d", type=number(0, open_low=True), default=None,
+                   help="discriminator learning rate (default 2e-5; tiny 1e-4)")
     g.add_argument("--warmup-steps", type=count(0), default=0)
     g.add_argument("--adam-betas-d", type=number(0, 1, open_high=True), nargs=2, default=[0.0, 0.99])
     g.add_argument("--weight-decay", type=number(0), default=1e-2)
-    g.add_argument(
-        "--max-grad-norm",
-        type=number(0, open_low=True, inf=True),
-        default=1.0,
-        help="clip the student's gradient norm (inf = no clipping)",
-    )
-    g.add_argument(
-        "--ema-decay",
-        type=number(0, 1, open_high=True),
-        default=0.0,
-        help="EMA of the student (0 = off; e.g. 0.999)",
-    )
+    g.add_argument("--max-grad-norm", type=number(0, open_low=True, inf=True), default=1.0,
+                   help="clip the student's gradient norm (inf = no clipping)")
+    g.add_argument("--ema-decay", type=number(0, 1, open_high=True), default=0.0,
+                   help="EMA of the student (0 = off; e.g. 0.999)")
     g.add_argument("--seed", type=count(0), default=0)
 
     g = p.add_argument_group("checkpoints, logs, samples")
-    g.add_argument(
-        "--checkpoint-every",
-        type=count(0, "0 = never"),
-        default=None,
-        help="checkpoint every N steps and at the end (0 = never; default 500, tiny 2)",
-    )
+    g.add_argument("--checkpoint-every", type=count(0, "0 = never"), default=None,
+                   help="checkpoint every N steps and at the end (0 = never; default 500, tiny 2)")
     g.add_argument("--checkpoints-keep", type=count(0, "0 = keep all"), default=3)
-    g.add_argument(
-        "--resume", default=None, help="'latest' (the newest complete checkpoint) or a checkpoint folder"
-    )
+    g.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint) or a folder")
     g.add_argument("--max-nonfinite-in-row", type=count(1), default=10)
-    g.add_argument(
-        "--sample-every",
-        type=count(0, "0 = never"),
-        default=None,
-        help="sample grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)",
-    )
+    g.add_argument("--sample-every", type=count(0, "0 = never"), default=None,
+                   help="grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)")
     g.add_argument("--grid-prompts", nargs="+", default=None)
     g.add_argument("--grid-seeds", type=count(0), nargs="+", default=[0, 1])
-    g.add_argument(
-        "--diversity-seeds",
-        type=count(0, "0 = off"),
-        default=4,
-        help="samples for the diversity scalars (0 = off; at least 2)",
-    )
+    g.add_argument("--diversity-seeds", type=count(0, "0 = off"), default=4,
+                   help="samples for the diversity scalars (0 = off; at least 2)")
     g.add_argument("--log-every", type=count(0, "0 = never"), default=1)
-    g.add_argument(
-        "--export-pipeline",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also write a complete pipeline folder (default: on for tiny)",
-    )
-    g.add_argument(
-        "--debug-nonfinite-at",
-        type=injection,
-        nargs="*",
-        default=[],
-        metavar="STEP[:RANK]",
-        help="(testing) make the student's output NaN at these steps (on one process with :RANK)",
-    )
-    return p  # fmt: skip
+    g.add_argument("--export-pipeline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write a complete pipeline folder (default: on for tiny)")
+    g.add_argument("--debug-nonfinite-at", type=injection, nargs="*", default=[], metavar="STEP[:RANK]",
+                   help="(testing) make the student's output NaN at these steps (on one process with :RANK)")
+    # fmt: on
+    return p
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
@@ -310,7 +227,7 @@ def _conflicts(args: argparse.Namespace) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Paths, checked before any model is built
 # ---------------------------------------------------------------------------------------------
-def _looks_local(text: str) -> bool:
+def looks_local(text: str) -> bool:
     """A path rather than a hub name (``user/name``): absolute, ``./``, ``~``, a file suffix, or deeper."""
     path = Path(text)
     return (
@@ -339,9 +256,9 @@ def check_paths(args: argparse.Namespace) -> None:
     _writable_folder("--output-dir", output)
     for sub in ("checkpoints", "logs"):
         _writable_folder(f"--output-dir (its {sub} folder)", output / sub)
-    if args.data and _looks_local(args.data) and not Path(args.data).expanduser().exists():
+    if args.data and looks_local(args.data) and not Path(args.data).expanduser().exists():
         raise RecipeError(f"--data {args.data}: no such folder or file")
-    if args.pretrained and _looks_local(args.pretrained) and not Path(args.pretrained).expanduser().is_dir():
+    if args.pretrained and looks_local(args.pretrained) and not Path(args.pretrained).expanduser().is_dir():
         raise RecipeError(
             f"--pretrained {args.pretrained}: no such folder (a diffusers checkpoint folder or hub id)"
         )

@@ -204,10 +204,11 @@ class RunSummary:
         if self.export is not None:
             model = self.export if args.export_pipeline else self.export / "unet"
             base = "" if args.export_pipeline else f" --base {shlex.quote(str(args.pretrained))}"
-            steps = len(args.student_timesteps or [0] * 4)
+            timesteps = args.student_timesteps or [999, 749, 499, 249]
+            custom = f" --timesteps {' '.join(map(str, timesteps))}" if args.student_timesteps else ""
             rows["sample"] = (
                 f"python examples/sample_sdxl.py {shlex.quote(str(model))} {shlex.quote(prompts(args)[0])}"
-                f"{base} --steps {steps} --out sample.png"
+                f"{base} --steps {len(timesteps)}{custom} --out sample.png"
             )
         lines += [f"  {key:<10}  {value}" for key, value in rows.items()]
         return "\n".join(lines)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import addkit
+from add_sdxl_args import count, looks_local
 from add_sdxl_models import square_time_ids, vae_decode
 from add_sdxl_report import save_grid
 from addkit.sampling import sample
@@ -31,15 +32,20 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--base", default=None, help="base pipeline (hub id or folder) when MODEL is a UNet folder"
     )
-    p.add_argument("--steps", type=int, default=1, choices=(1, 2, 3, 4))
-    p.add_argument("--timesteps", type=int, nargs="+", default=[999, 749, 499, 249])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=count(1), default=1, help="the first STEPS of --timesteps")
+    p.add_argument("--timesteps", type=count(0), nargs="+", default=[999, 749, 499, 249])
+    p.add_argument("--seeds", type=count(0), nargs="+", default=[0])
     p.add_argument(
-        "--resolution", type=int, default=None, help="default: the UNet's sample size x VAE factor"
+        "--resolution", type=count(8), default=None, help="default: the UNet's sample size x VAE factor"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="sample.png")
     args = p.parse_args(argv)
+    if args.steps > len(args.timesteps):
+        p.error(f"--steps {args.steps}: only {len(args.timesteps)} --timesteps are given")
+    for what, name in (("MODEL", args.model), ("--base", args.base)):
+        if name and looks_local(name) and not Path(name).expanduser().is_dir():
+            p.error(f"{what} {name}: no such folder")
 
     if args.base:
         unet = UNet2DConditionModel.from_pretrained(args.model)
