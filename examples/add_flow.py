@@ -8,7 +8,8 @@
 See ``docs/flow.md``. The loop lives here, the maths in addkit: ``ADDObjective`` draws the
 student inputs at the student times (``FlowSchedule.timesteps(n)`` with the model's shift: pure
 noise at t = 1) and builds both losses; this file owns models, data, optimisers, distribution
-(accelerate: DDP), checkpoints, logs and the export.
+(accelerate: DDP), logs and the export. Checkpoints, data reading and the run counters are the
+SDXL recipe's (``add_sdxl_checkpoint``, ``add_sdxl_data``, ``add_sdxl_step.Progress``).
 
 Discriminator: LADD's (default) reads the teacher's image tokens at several transformer blocks
 on latents re-noised to a logit-normal noise level, heads conditioned on the pooled text; no
@@ -30,23 +31,28 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import add_flow_data as data
 import add_flow_models as fm
 import add_flow_report as report
-import add_flow_tiny as tiny
+import add_sdxl_tiny
 import addkit
 from add_flow_args import parse_args
-from add_flow_state import NonFiniteLossError, Progress, RecipeError, resolve_resume, save_checkpoint
+from add_sdxl_args import NonFiniteLossError, RecipeError
+from add_sdxl_checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from add_sdxl_step import LossScaling, Progress
 from addkit.objective import ADDObjective
 from addkit.sampling import sample
 
-LORA_FILE = "lora.safetensors"
+MODEL_FILE = "model.safetensors"  # the file the checkpoint manifest expects for the student
+
+__all__ = ["NonFiniteLossError", "RecipeError", "Run", "main", "parse_args", "setup", "train", "train_step"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +60,12 @@ LORA_FILE = "lora.safetensors"
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """The run's state: models, objective, optimisers and counters."""
+    """Everything one optimiser step reads and changes.
+
+    The names the SDXL recipe's checkpoint module reads (``accelerator``, ``student``,
+    ``discriminator``, ``opt_g``, ``opt_d``, ``sched_g``, ``sched_d``, ``scaling``, ``ema``,
+    ``progress``, ``fsdp``, ``trainable``) are spelled as in its ``RunState``.
+    """
 
     args: argparse.Namespace
     accelerator: Any
@@ -62,16 +73,23 @@ class Run:
     student: Any  # the prepared (DDP-wrapped) student
     denoiser: addkit.WrappedDenoiser  # the student, wrapped for the objective
     teacher: addkit.WrappedDenoiser  # the teacher (the student's base with LoRA)
-    disc: addkit.ProjectedDiscriminator
+    discriminator: addkit.ProjectedDiscriminator
     objective: ADDObjective
     prompts: fm.PromptEncoder
-    trainable: list[torch.nn.Parameter]
-    optimizers: tuple[Any, Any]
-    schedulers: tuple[Any, Any]
-    ema: Any
-    progress: Progress
-    batches: Any
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: Any
+    sched_d: Any
+    ema: torch.optim.swa_utils.AveragedModel | None  # over the trainable parameters
     output_dir: Path
+    scaling: LossScaling = field(default_factory=lambda: LossScaling(None))  # bf16 or float32: no scaler
+    progress: Progress = field(default_factory=Progress)
+    batches: Any = None
+    fsdp: bool = False
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for group in self.opt_g.param_groups for p in group["params"]]
 
 
 @dataclass
@@ -86,7 +104,7 @@ def setup(args: argparse.Namespace) -> Run:
     """Models, discriminator, objective, optimisers, data and (with ``--resume``) the saved state."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from diffusers.training_utils import cast_training_params
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -97,6 +115,7 @@ def setup(args: argparse.Namespace) -> Run:
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
     )
+    say = print if accelerator.is_main_process else (lambda _: None)
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
         raise RecipeError(
             "processes were launched but accelerate sees fewer: on CPU, run "
@@ -104,11 +123,12 @@ def setup(args: argparse.Namespace) -> Run:
         )
     if accelerator.distributed_type == DistributedType.FSDP:
         raise RecipeError("FSDP is not supported by this recipe: use DDP (with --lora-rank for large models)")
+    resume = resolve_resume(args.resume, output_dir, say) if args.resume else None
     device = accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    weight_dtype = {"bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     models = fm.load_models(args, weight_dtype)  # seeded: identical on every process
     for module in models.pipe.components.values():  # frozen parts (and a LoRA student's base) in weight_dtype
-        if isinstance(module, torch.nn.Module):
+        if isinstance(module, nn.Module):
             module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     models.student.to(device)
     if args.lora_rank or weight_dtype != torch.float32:  # trained weights in float32 (autocast computes)
@@ -116,8 +136,10 @@ def setup(args: argparse.Namespace) -> Run:
     teacher = addkit.wrap(models.teacher, models.schedule, "flow")
     disc = fm.build_discriminator(args, models, teacher).to(device)
     set_seed(args.seed, device_specific=True)  # training randomness differs per process
-
     trainable = [p for p in models.student.parameters() if p.requires_grad]
+    student = accelerator.prepare(models.student)
+    if args.lora_rank:
+        _checkpoint_lora_only(accelerator)
     opt_g = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     opt_d = torch.optim.AdamW(
         disc.parameters(), lr=args.lr_d, betas=tuple(args.adam_betas_d), weight_decay=0.0
@@ -126,22 +148,33 @@ def setup(args: argparse.Namespace) -> Run:
     sched_g, sched_d = (
         torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warmup)) for o in (opt_g, opt_d)
     )
-    student, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
-        models.student, opt_g, opt_d, sched_g, sched_d
+    run = Run(
+        args=args,
+        accelerator=accelerator,
+        models=models,
+        student=student,
+        denoiser=addkit.wrap(student, models.schedule, "flow"),
+        teacher=teacher,
+        discriminator=disc,
+        objective=_objective(args, models, teacher, disc),
+        prompts=fm.PromptEncoder(models.pipe, models.guidance, device, args.max_sequence_length),
+        opt_g=opt_g,
+        opt_d=opt_d,
+        sched_g=sched_g,
+        sched_d=sched_d,
+        ema=_ema(args.ema_decay, trainable),
+        output_dir=output_dir,
     )
-    ema = EMAModel(trainable, decay=args.ema_decay) if args.ema_decay else None
-    if ema is not None:
-        ema.to(device)
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress, disc, *([ema] if ema is not None else []))
-    if args.lora_rank:
-        _checkpoint_lora_only(accelerator)
-    if args.resume:
-        path = resolve_resume(args.resume, output_dir)
-        accelerator.load_state(str(path))
-        accelerator.print(f"resumed from {path} at step {progress.step}")
+    if resume is not None:
+        load_checkpoint(run, resume, say)
+        say(f"add_flow: resumed from {resume} at step {run.progress.step}")
+    run.batches = iter(_loader(args, accelerator, run.progress, output_dir))
+    return run
 
-    objective = ADDObjective(
+
+def _objective(args: argparse.Namespace, models: fm.FlowModels, teacher: Any, disc: Any) -> ADDObjective:
+    no_r1 = args.r1_placement == "none"
+    return ADDObjective(
         teacher,
         disc,
         models.schedule,
@@ -152,47 +185,39 @@ def setup(args: argparse.Namespace) -> Run:
         discriminator_sees="latents" if args.discriminator == "teacher" else "decoded",
         guidance_scale=args.guidance_scale,
         adversarial_loss=args.adversarial_loss,
-        r1_gamma=args.r1_gamma,
-        r1_placement=None if args.r1_placement == "none" else args.r1_placement,
+        r1_gamma=0.0 if no_r1 else args.r1_gamma,
+        r1_placement="features" if no_r1 else args.r1_placement,
         r1_interval=args.r1_interval,
         student_timesteps=models.schedule.timesteps(args.student_steps),
     )
-    return Run(
-        args=args,
-        accelerator=accelerator,
-        models=models,
-        student=student,
-        denoiser=addkit.wrap(student, models.schedule, "flow"),
-        teacher=teacher,
-        disc=disc,
-        objective=objective,
-        prompts=fm.PromptEncoder(models.pipe, models.guidance, device, args.max_sequence_length),
-        trainable=trainable,
-        optimizers=(opt_g, opt_d),
-        schedulers=(sched_g, sched_d),
-        ema=ema,
-        progress=progress,
-        batches=iter(_loader(args, accelerator, progress, output_dir)),
-        output_dir=output_dir,
-    )
+
+
+def _ema(decay: float, trainable: list[nn.Parameter]) -> torch.optim.swa_utils.AveragedModel | None:
+    """EMA of the trainable parameters (``AveragedModel``), starting at their values; None if off."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not decay:
+        return None
+    ema = AveragedModel(nn.ParameterList(trainable), multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.requires_grad_(False).update_parameters(nn.ParameterList(trainable))
+    return ema
 
 
 def _checkpoint_lora_only(accelerator: Any) -> None:
-    """With LoRA, checkpoints hold the adapters (``lora.safetensors``), not the frozen base again."""
+    """With LoRA, a checkpoint's ``model.safetensors`` holds the adapters only, not the frozen base again."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     def save(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
-            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(output_dir) / LORA_FILE))
-        weights.clear()  # accelerate then writes no model file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(Path(output_dir) / MODEL_FILE))
+        weights.clear()  # accelerate then writes no model file of its own
 
     def load(models: list, input_dir: str) -> None:
         model = accelerator.unwrap_model(models.pop())
-        set_peft_model_state_dict(
-            model, load_file(str(Path(input_dir) / LORA_FILE), device=str(accelerator.device))
-        )
+        state = load_file(str(Path(input_dir) / MODEL_FILE), device=str(accelerator.device))
+        set_peft_model_state_dict(model, state)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -200,20 +225,11 @@ def _checkpoint_lora_only(accelerator: Any) -> None:
 
 def _loader(args: argparse.Namespace, accelerator: Any, progress: Progress, output_dir: Path) -> Any:
     if args.preset == "tiny" and not args.data:
-        with accelerator.main_process_first():
-            folder = output_dir / "tiny_data"
-            args.data = str(
-                tiny.make_dataset(folder, seed=args.seed) if accelerator.is_main_process else folder
-            )
-    pairs = data.load_pairs(args.data)
-    dataset = data.PairDataset(pairs, args.resolution, images=args.data_source == "real")
-    stream = data.StreamSampler(
-        len(dataset),
-        seed=args.seed,
-        start=progress.samples,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-    )
+        with accelerator.main_process_first():  # the SDXL preset's coloured shapes
+            args.data = str(add_sdxl_tiny.make_dataset(output_dir / "tiny_data", seed=args.seed))
+    dataset = data.load_dataset(args)
+    at = {"start": progress.samples, "rank": accelerator.process_index, "world": accelerator.num_processes}
+    stream = data.StreamSampler(len(dataset), seed=args.seed, **at)
     return torch.utils.data.DataLoader(  # its own generator: iterating leaves the global RNG alone
         dataset,
         batch_size=args.batch_size,
@@ -275,7 +291,7 @@ def micro_step(
         x0 = teacher_latents(run, cond, uncond if synth_cfg else None, shape)
     inp = obj.sample_student_inputs(x0)
 
-    run.disc.requires_grad_(False)  # generator step: gradients reach the student only
+    run.discriminator.requires_grad_(False)  # generator step: gradients reach the student only
     with acc.autocast():
         student_x0 = run.denoiser.x0(inp.x_t, inp.t, **cond)
         loss_g, logs_g = obj.generator_loss(
@@ -291,7 +307,7 @@ def micro_step(
         loss_g = loss_g * float("nan")
     acc.backward(loss_g * scale)
 
-    run.disc.requires_grad_(True)
+    run.discriminator.requires_grad_(True)
     with acc.autocast():
         with torch.no_grad():
             fake = obj.discriminator_input(student_x0.detach())
@@ -326,7 +342,7 @@ def train_step(run: Run, step: int) -> StepResult:
     """One optimiser step over ``--gradient-accumulation`` micro-batches; skipped on every process
     when any loss or gradient norm is non-finite."""
     args, acc = run.args, run.accelerator
-    (opt_g, opt_d), (sched_g, sched_d) = run.optimizers, run.schedulers
+    opt_g, opt_d, sched_g, sched_d = run.opt_g, run.opt_d, run.sched_g, run.sched_d
     started, bad, logs = time.perf_counter(), False, {}
     for micro in range(args.gradient_accumulation):
         last = micro == args.gradient_accumulation - 1
@@ -335,9 +351,9 @@ def train_step(run: Run, step: int) -> StepResult:
         bad |= not (bool(torch.isfinite(loss_g)) and bool(torch.isfinite(loss_d)))
     samples = args.batch_size * acc.num_processes * args.gradient_accumulation
     run.progress.samples += samples
-    _average_grads(acc, list(run.disc.parameters()))
+    _average_grads(acc, list(run.discriminator.parameters()))
     norm_g = acc.clip_grad_norm_(run.trainable, args.max_grad_norm)
-    norm_d = torch.nn.utils.clip_grad_norm_(list(run.disc.parameters()), float("inf"))
+    norm_d = torch.nn.utils.clip_grad_norm_(list(run.discriminator.parameters()), float("inf"))
     bad |= not (bool(torch.isfinite(norm_g)) and bool(torch.isfinite(norm_d)))
     skipped = _any_process(acc, bad)  # every process skips together
     if skipped:
@@ -348,7 +364,7 @@ def train_step(run: Run, step: int) -> StepResult:
         opt_d.step()
         run.progress.nonfinite_in_row = 0
         if run.ema is not None:
-            run.ema.step(run.trainable)
+            run.ema.update_parameters(nn.ParameterList(run.trainable))
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
     sched_g.step()
@@ -400,7 +416,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 report.report(run, step)
             acc.wait_for_everyone()
         if step % args.checkpoint_every == 0 or step == args.max_steps:
-            last_checkpoint = save_checkpoint(acc, run.output_dir, step, args.checkpoints_keep)
+            last_checkpoint = save_checkpoint(run, run.output_dir, args.checkpoints_keep, last_checkpoint)
     bar.close()
     acc.wait_for_everyone()
     exported = report.export(run) if acc.is_main_process else None
@@ -412,7 +428,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "export": exported,
         "checkpoint": last_checkpoint,
         "student": acc.unwrap_model(run.student),
-        "discriminator": run.disc,
+        "discriminator": run.discriminator,
         "ema": run.ema,
         "models": run.models,
     }

@@ -58,12 +58,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Flux guidance-embedding scale for teacher and student (3.5)",
     )
+    a("--split", default="train", help="split of a Hugging Face dataset")
+    a("--image-column", default=None)
+    a("--caption-column", default=None)
     a("--num-workers", type=int, default=0)
     # student
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (one copy of the weights)")
     a("--lora-targets", nargs="+", default=list(fm.LORA_TARGETS))
     a("--gradient-checkpointing", action="store_true")
-    a("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    a(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16, the precision SD3 and Flux are trained and released in (no fp16 loss scaling here)",
+    )
     a(
         "--student-steps",
         type=int,

@@ -27,7 +27,7 @@ from torch import nn
 
 import add_flow_tiny as tiny
 import addkit
-from add_flow_state import RecipeError
+from add_sdxl_args import RecipeError
 from addkit.denoisers import AdaptersDisabled
 
 FAMILIES = ("sd3", "flux")

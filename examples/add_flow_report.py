@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +23,17 @@ import torch
 import add_flow_models as fm
 import add_flow_tiny as tiny
 import addkit
+from add_sdxl_report import save_grid, student_weights
 from addkit.sampling import sample
 
 PROMPTS = ("a photo of a cat sitting on a windowsill", "a watercolor painting of a lighthouse at dawn")
 
 
-@contextlib.contextmanager
-def ema_weights(run: Any) -> Iterator[None]:
-    """The EMA weights in the student for the block (nothing without ``--ema-decay``)."""
-    if run.ema is None:
-        yield
-        return
-    run.ema.store(run.trainable)
-    run.ema.copy_to(run.trainable)
-    try:
-        yield
-    finally:
-        run.ema.restore(run.trainable)
-
-
 @torch.no_grad()
-def generate(run: Any, prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:
+def generate(run: Any, transformer: Any, prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:
     """Latents ``[len(prompts) * len(seeds), C, h, w]`` (prompt-major), ``steps`` student steps."""
     models, device = run.models, run.accelerator.device
-    student = addkit.wrap(run.accelerator.unwrap_model(run.student), models.schedule, "flow")
+    student = addkit.wrap(transformer, models.schedule, "flow")
     side = run.args.resolution // models.pipe.vae_scale_factor
     shape = (models.pipe.vae.config.latent_channels, side, side)
     out = []
@@ -71,35 +56,31 @@ def generate(run: Any, prompts: list[str], seeds: list[int], steps: int) -> torc
     return torch.cat(out)
 
 
-def report(run: Any, step: int) -> None:
-    """Write ``samples/step-N.png`` and log the diversity scalars."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
+def report(run: Any, step: int) -> Path:
+    """Write ``samples/step-N.png`` and log the diversity scalars (main process)."""
     args = run.args
     prompts = list(args.grid_prompts or (tiny.PROMPTS if args.preset == "tiny" else PROMPTS))
-    with ema_weights(run):
+    with student_weights(run) as transformer:  # the EMA's weights when it is on
         rows = [
-            fm.decode_latents(run.models.pipe.vae, generate(run, prompts, list(args.grid_seeds), n))
+            generate(run, transformer, prompts, list(args.grid_seeds), n)
             for n in sorted({1, args.student_steps})
         ]
-        grid = make_grid(torch.cat(rows).clamp(-1, 1) * 0.5 + 0.5, nrow=len(args.grid_seeds), padding=0)
         path = run.output_dir / "samples" / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()).save(path)
-        run.accelerator.log(diversity(run, prompts[0]), step=step)
+        save_grid(path, fm.decode_latents(run.models.pipe.vae, torch.cat(rows)), len(args.grid_seeds))
+        run.accelerator.log(diversity(run, transformer, prompts[0]), step=step)
+    return path
 
 
 @torch.no_grad()
-def diversity(run: Any, prompt: str) -> dict[str, float]:
+def diversity(run: Any, transformer: Any, prompt: str) -> dict[str, float]:
     """Mean pairwise L2 distance over ``--diversity-seeds`` samples, in the discriminator's features."""
-    args, disc, out = run.args, run.disc, {}
+    args, disc, out = run.args, run.discriminator, {}
     seeds = list(range(args.diversity_seeds))
     was_training = disc.training
     disc.eval()  # no augmentation
     cond, _ = run.prompts([prompt] * len(seeds))
     for n in sorted({1, args.student_steps}):
-        latents = generate(run, [prompt], seeds, n)
+        latents = generate(run, transformer, [prompt], seeds, n)
         if args.discriminator == "teacher":
             x, kwargs = latents, {**cond, "t": 0.5}  # the teacher's features at a fixed noise level
         else:
@@ -117,15 +98,12 @@ def export(run: Any) -> Path:
 
     args, models = run.args, run.models
     out = run.output_dir / "export"
-    student = run.accelerator.unwrap_model(run.student)
     pipeline_cls = type(models.pipe)
-    with ema_weights(run):
+    with student_weights(run) as student:  # the EMA's weights when it is on
         if args.lora_rank:
             from peft.utils import get_peft_model_state_dict
 
-            layers = get_peft_model_state_dict(
-                student
-            )  # peft's key format, as diffusers' SD3 / Flux scripts save
+            layers = get_peft_model_state_dict(student)  # peft's keys, as diffusers' SD3 / Flux scripts save
             pipeline_cls.save_lora_weights(str(out / "lora"), transformer_lora_layers=layers)
         else:
             student.save_pretrained(out / "transformer")

@@ -15,17 +15,15 @@ Built offline from small configs (nothing is downloaded), with the networks of
 
 Tokenizers are character-level (CLIP's from ``addkit.testing``, T5's a Unigram over single
 characters built in memory), so any caption tokenizes. The preset checks the plumbing, not
-image quality.
+image quality. The image-caption folder is the SDXL preset's (``add_sdxl_tiny.make_dataset``).
 """
 
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 
 from addkit.testing import (
     tiny_clip_text_encoder,
@@ -43,15 +41,6 @@ FLUX_SHIFT_LINE = {"base_image_seq_len": 16, "max_image_seq_len": 256, "base_shi
 """Flux's shift line ``mu(seq_len)`` from ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at
 ``max_image_seq_len``; FLUX.1-dev uses 256 and 4096 tokens, the tiny one 16 and 256."""
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle")
 PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
 
 
@@ -172,34 +161,3 @@ def pipeline(model: str, seed: int = 0, **kwargs: Any) -> Any:
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return pipe
-
-
-def make_dataset(folder: Path, n: int = 32, *, seed: int = 0) -> Path:
-    """Draw ``n`` coloured-shape images with captions into ``folder`` (``k.png`` + ``k.txt``).
-
-    Existing complete folders are reused. Returns ``folder``.
-    """
-    folder = Path(folder)
-    if folder.is_dir() and len(list(folder.glob("*.png"))) >= n:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    names = list(COLOURS)
-    side = RESOLUTION * 2
-    for k in range(n):
-        fg, bg = (names[int(i)] for i in torch.randperm(len(names), generator=g)[:2])
-        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
-        size = int(torch.randint(side // 6, side // 3, (1,), generator=g))
-        x0, y0 = (int(v) for v in torch.randint(0, side - 2 * size, (2,), generator=g))
-        image = Image.new("RGB", (side, side), COLOURS[bg])
-        draw = ImageDraw.Draw(image)
-        box = (x0, y0, x0 + 2 * size, y0 + 2 * size)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[fg])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[fg])
-        else:
-            draw.polygon([(x0 + size, y0), (box[2], box[3]), (x0, box[3])], fill=COLOURS[fg])
-        image.save(folder / f"{k:04d}.png")
-        (folder / f"{k:04d}.txt").write_text(f"a {fg} {shape} on a {bg} background\n")
-    return folder

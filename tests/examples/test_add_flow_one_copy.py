@@ -38,16 +38,16 @@ def _modules(run: Any) -> Iterator[nn.Module]:
     yield run.student
     yield run.teacher
     yield run.objective.teacher
-    yield run.disc
-    yield run.disc.features
-    for view in (run.models.teacher, run.disc.features.teacher, run.teacher.model.transformer):
+    yield run.discriminator
+    yield run.discriminator.features
+    for view in (run.models.teacher, run.discriminator.features.teacher, run.teacher.model.transformer):
         if isinstance(view, AdaptersDisabled):
             yield view.model
 
 
 def _tensors(run: Any) -> list[torch.Tensor]:
     found = [t for m in _modules(run) for t in (*m.parameters(), *m.buffers())]
-    for opt in run.optimizers:
+    for opt in (run.opt_g, run.opt_d):
         found += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return found
 
@@ -99,8 +99,8 @@ def test_lora_run_holds_the_transformer_once_and_its_teacher_is_the_base(model: 
     run = _setup(model, tmp_path, "--lora-rank", "4")
     assert isinstance(run.models.teacher, AdaptersDisabled)
     assert run.models.teacher.model is run.models.student is run.models.pipe.transformer
-    assert run.disc.features.teacher is run.models.teacher  # LADD reads the same base
-    assert not list(run.disc.features.parameters())  # nothing registered twice
+    assert run.discriminator.features.teacher is run.models.teacher  # LADD reads the same base
+    assert not list(run.discriminator.features.parameters())  # nothing registered twice
     assert _perturb_lora(run.models.student) > 0
     counts = _copies(run)
     assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
@@ -120,14 +120,14 @@ def test_lora_run_holds_the_transformer_once_and_its_teacher_is_the_base(model: 
         torch.testing.assert_close(run.teacher.x0(x, t, **cond), want, rtol=0, atol=0)
         assert (run.denoiser.x0(x, t, **cond) - want).abs().max() > 1e-3  # the student is not the base
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-        got = run.disc.features(x, t=0.5, noise=noise, **cond)
-        features = type(run.disc.features)(
+        got = run.discriminator.features(x, t=0.5, noise=noise, **cond)
+        features = type(run.discriminator.features)(
             base.model.transformer,
             run.models.schedule,
-            run.disc.features.taps,
-            channels=run.disc.features.channels,
+            run.discriminator.features.taps,
+            channels=run.discriminator.features.channels,
             call=base,
-            select=run.disc.features.select,
+            select=run.discriminator.features.select,
         )
         for a, b in zip(got, features(x, t=0.5, noise=noise, **cond)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
