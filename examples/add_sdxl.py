@@ -40,7 +40,14 @@ import add_sdxl_fsdp as fsdp
 import add_sdxl_tiny as tiny
 import addkit
 from add_sdxl_args import NonFiniteLossError, RecipeError, check_paths, parse_args
-from add_sdxl_checkpoint import checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from add_sdxl_checkpoint import (
+    check_compatible,
+    checkpoints,
+    layout,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from add_sdxl_models import (
     TextEncoder,
     build_discriminator,
@@ -109,6 +116,8 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
     say = print if acc.is_main_process else (lambda _: None)
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume, output_dir, say) if args.resume else None
+    if resume is not None:
+        check_compatible(resume, layout(args, acc), say)
     if args.preset == "tiny" and not args.data:
         with acc.main_process_first():
             args.data = str(tiny.make_dataset(output_dir / "tiny_data", seed=args.seed))
@@ -133,7 +142,8 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
         ema=_ema(args.ema_decay, trainable),
     )  # fmt: skip
     if resume is not None:
-        load_checkpoint(state, resume, say)
+        load_checkpoint(state, resume)
+        state.resumed_from = resume
         say(f"add_sdxl: resumed from {resume} at step {state.progress.step}")
     dataset = data.ImageCaptionDataset(records, args.resolution)
     at = {"start": state.progress.samples, "rank": acc.process_index, "world": acc.num_processes}
@@ -200,7 +210,7 @@ def train(args: argparse.Namespace) -> RunSummary:
         "add_sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
     )
     bar = tqdm(total=args.max_steps, initial=progress.step, disable=not acc.is_main_process, desc="ADD")
-    last_checkpoint = resolve_resume(args.resume, output_dir, lambda _: None) if args.resume else None
+    last_checkpoint = state.resumed_from
     grid = None
     try:
         while progress.step < args.max_steps:

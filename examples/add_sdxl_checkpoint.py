@@ -38,14 +38,14 @@ MANIFEST = "manifest.json"
 _LAYOUT_FLAGS = {"fsdp": "--fsdp", "ema": "--ema-decay", "lora": "--lora-rank"}
 
 
-def layout(state: RunState) -> dict[str, Any]:
+def layout(args: Any, accelerator: Any) -> dict[str, Any]:
     """What a checkpoint of this run holds: the number of processes and the optional parts."""
     return {
-        "processes": state.accelerator.num_processes,
-        "fsdp": state.fsdp,
-        "ema": state.ema is not None,
-        "lora": bool(state.args.lora_rank),
-        "scaler": state.scaling.scaler is not None,
+        "processes": accelerator.num_processes,
+        "fsdp": bool(args.fsdp),
+        "ema": bool(args.ema_decay),
+        "lora": bool(args.lora_rank),
+        "scaler": accelerator.scaler is not None,
     }
 
 
@@ -192,7 +192,7 @@ def _write(state: RunState, tmp: Path) -> None:
 
 def _seal(state: RunState, tmp: Path, final: Path, keep: int) -> None:
     """Main process: check the files, write the manifest, rename into place, prune."""
-    lay = layout(state)
+    lay = layout(state.args, state.accelerator)
     empty = [f for f in expected_files(lay) if not (tmp / f).is_file() or (tmp / f).stat().st_size == 0]
     if empty:
         raise RecipeError(f"the checkpoint {tmp} lacks {empty} after writing")
@@ -245,17 +245,18 @@ def _disk_full(error: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def load_checkpoint(state: RunState, folder: Path, say: Callable[[str], None] = print) -> None:
-    """Restore the run from ``folder`` (verified by `problem` first; collective under ``--fsdp``).
+def check_compatible(folder: Path, now: dict[str, Any], say: Callable[[str], None] = print) -> None:
+    """Refuse a checkpoint written by a run set up differently (before any model is built).
+
+    Args:
+        folder: a complete checkpoint (see `problem`).
+        now: the `layout` of this run.
+        say: where to print a note (resuming with another number of processes).
 
     Raises:
-        RecipeError: naming the folder, for an incomplete checkpoint, a different setup, or
-            a file that cannot be read.
+        RecipeError: naming the folder and the flag that differs.
     """
-    why = problem(folder)
-    if why is not None:
-        raise RecipeError(f"--resume {folder}: not a complete checkpoint: {why}")
-    saved, now = json.loads((folder / MANIFEST).read_text())["layout"], layout(state)
+    saved = json.loads((folder / MANIFEST).read_text())["layout"]
     for key, flag in _LAYOUT_FLAGS.items():
         if saved[key] != now[key]:
             written = "with" if saved[key] else "without"
@@ -266,11 +267,19 @@ def load_checkpoint(state: RunState, folder: Path, say: Callable[[str], None] = 
         raise RecipeError(
             f"--resume {folder}: it holds no fp16 loss scale; resume with its --mixed-precision"
         )
-    if saved["processes"] != now["processes"] and state.accelerator.is_main_process:
+    if saved["processes"] != now["processes"]:
         say(
             f"add_sdxl: {folder} was written by {saved['processes']} processes, resumed by {now['processes']}: "
             "the data continues at the same sample, the random streams of the processes differ (not bit-exact)"
         )
+
+
+def load_checkpoint(state: RunState, folder: Path) -> None:
+    """Restore the run from ``folder`` (checked by `problem` and `check_compatible`; collective under ``--fsdp``).
+
+    Raises:
+        RecipeError: naming the folder, for a file that cannot be read.
+    """
     try:
         state.accelerator.load_state(str(folder))
         if state.fsdp:

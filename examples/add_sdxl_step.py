@@ -17,6 +17,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
@@ -102,6 +103,7 @@ class RunState:
     ema: torch.optim.swa_utils.AveragedModel | None = None  # over the trainable parameters
     progress: Progress = field(default_factory=Progress)
     data: Iterator[Batch] | None = None
+    resumed_from: Path | None = None  # the checkpoint the run continues
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -132,7 +134,7 @@ def train_step(state: RunState, batches: Sequence[Batch]) -> StepResult:
     flags, logs = [], []
     for i, batch in enumerate(batches):
         with _gradient_sync(state, i == len(batches) - 1):
-            bad, micro_logs = _micro_step(state, batch, step)
+            bad, micro_logs = _micro_step(state, batch, step, 1.0 / len(batches))
         flags.append(bad)
         logs.append(micro_logs)
     disc_params = list(state.discriminator.parameters())
@@ -162,8 +164,8 @@ def train_step(state: RunState, batches: Sequence[Batch]) -> StepResult:
     return StepResult(step, skipped, out)
 
 
-def _micro_step(state: RunState, batch: Batch, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Generator then discriminator backward on one micro-batch: (non-finite flag, logs)."""
+def _micro_step(state: RunState, batch: Batch, step: int, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Generator then discriminator backward (losses times ``scale``) on one micro-batch: (non-finite flag, logs)."""
     args, acc, models, objective = state.args, state.accelerator, state.models, state.objective
     pixels = batch["pixels"].to(acc.device)
     cond, pooled = state.text(batch["caption"])
@@ -180,7 +182,6 @@ def _micro_step(state: RunState, batch: Batch, step: int) -> tuple[Tensor, dict[
     if nfsd:
         negative, _ = state.text([args.negative_prompt] * len(batch["caption"]))
         negative.update({k: v for k, v in cond.items() if k == "time_ids"})
-    scale = 1.0 / args.gradient_accumulation
 
     state.discriminator.requires_grad_(False)  # generator step: gradients reach the student only
     with acc.autocast():

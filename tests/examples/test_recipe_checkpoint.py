@@ -90,9 +90,16 @@ def test_latest_without_a_complete_checkpoint_is_refused(out, tmp_path):
         resolve_resume("latest", tmp_path / "elsewhere")
 
 
-@pytest.mark.slow
-def test_resuming_with_another_setup_is_refused_naming_the_flag(out):
+def test_resuming_with_another_setup_is_refused_before_any_model_is_built(out, monkeypatch):
+    def no_models(args):
+        raise AssertionError("models were built")
+
+    monkeypatch.setattr(add_sdxl, "load_models", no_models)
     with pytest.raises(
         RecipeError, match=f"--resume {step(out, 2)}: it was written with --ema-decay; resume with"
     ):
         add_sdxl.main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "3"])
+    with pytest.raises(RecipeError, match="it was written without --lora-rank"):
+        add_sdxl.main(
+            ["--output-dir", str(out), "--resume", "latest", "--ema-decay", "0.9", "--lora-rank", "4"]
+        )
