@@ -95,17 +95,18 @@ def _assert_same(a: object, b: object, where: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_two_processes_resume_equals_the_uninterrupted_run(tmp_path):
-    """3 steps straight vs 2 steps, checkpoint, resume in a new run: equal, optimiser state included."""
+    """2 steps straight vs 1 step, checkpoint, 1 resumed in a new run: equal, optimiser state included."""
     from safetensors.torch import load_file
 
-    common = ("--fsdp", "--max-steps", "3", "--checkpoint-every", "2", "--sample-every", "0")
+    common = ("--fsdp", "--max-steps", "2", "--checkpoint-every", "1", "--sample-every", "0",
+              "--no-export-pipeline")  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     launch(straight, *common)
-    middle = straight / "checkpoints" / "step-0000002"
+    middle = straight / "checkpoints" / "step-0000001"
     proc = launch(resumed, *common, "--resume", str(middle))
-    assert f"resumed from {middle} at step 2" in proc.stdout
+    assert f"resumed from {middle} at step 1" in proc.stdout
 
-    a, b = (out / "checkpoints" / "step-0000003" for out in (straight, resumed))
+    a, b = (out / "checkpoints" / "step-0000002" for out in (straight, resumed))
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["layout"] == {"processes": 2, "fsdp": True, "ema": False, "lora": False, "scaler": False}
     assert {"student/__0_0.distcp", "student/__1_0.distcp", "random_states_1.pkl"} <= manifest["files"].keys()
@@ -117,7 +118,7 @@ def test_fsdp_two_processes_resume_equals_the_uninterrupted_run(tmp_path):
     for name in ("discriminator", "optimizer_discriminator", "scheduler_student", "scheduler_discriminator"):
         _assert_same(torch.load(a / f"{name}.pt"), torch.load(b / f"{name}.pt"), name)
     assert (
-        progress(a) == progress(b) == {"step": 3, "samples": 12, "nonfinite_total": 0, "nonfinite_in_row": 0}
+        progress(a) == progress(b) == {"step": 2, "samples": 8, "nonfinite_total": 0, "nonfinite_in_row": 0}
     )
     exported = [
         load_file(out / "export" / "unet" / "diffusion_pytorch_model.safetensors")
