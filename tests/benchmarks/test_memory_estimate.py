@@ -1,0 +1,132 @@
+"""The fake-tensor memory estimate: equal to the tracked peak of the same step on real CPU tensors, within
+10 % of the CUDA allocator's peak on a GPU, CUDA's autocast policy as torch's header lists it, the real
+architectures' parameter counts, and the committed table's sanity (estimate >= analytic floor)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("timm")
+import _architectures as arches  # benchmarks/ is on pytest's pythonpath
+import _cuda_autocast
+import bench_memory
+from _add_setups import StepConfig, setup_for
+from _estimate import estimate_step_memory, measure_step_memory
+from _materialize import parameter_count
+
+CPU = torch.device("cpu")
+TINY = [
+    StepConfig("tiny_sdxl", 16, 2, "full"),  # DINOv2 on decoded pixels, image embedding, pixel distillation
+    StepConfig("tiny_flux", 16, 2, "lora", checkpointing=True, discriminator="teacher"),  # one copy, FSDP
+]
+
+
+@pytest.mark.parametrize("cfg", TINY, ids=lambda c: c.name)
+def test_estimate_equals_measurement_on_real_cpu_tensors(cfg: StepConfig) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        est = estimate_step_memory(setup_for(cfg), world=8)
+        real = measure_step_memory(setup_for(cfg), CPU)
+    finally:
+        torch.set_num_threads(threads)
+    assert est["peak"]["total"] == pytest.approx(real["peak"]["total"], rel=0.05)
+    for key in ("parameters", "gradients", "optimizer", "activations"):
+        assert est["peak"][key] == pytest.approx(real["peak"][key], rel=0.05, abs=4096), key
+    assert est["peak"]["optimizer"] > 0 and est["peak"]["total"] == sum(
+        v for k, v in est["peak"].items() if k != "total"
+    )
+    # FSDP per device: parameters, gradients and optimiser state divided by 8, nothing else
+    dev = est["per_device"]
+    assert dev["total"] < est["peak"]["total"]
+    assert dev["total"] == sum(v for k, v in dev.items() if k != "total")
+    # what was made during the step and is alive at the peak, by part, adds up to no more than the peak
+    assert 0 < sum(est["at_peak_by_part"].values()) <= est["peak"]["total"]
+
+
+@pytest.mark.cuda
+def test_estimate_within_10_percent_of_cuda_allocator() -> None:
+    cfg = StepConfig("sdxl", 512, 1, "lora", checkpointing=True)  # VAE decode, DINOv2: CUDA's autocast policy
+    est = estimate_step_memory(setup_for(cfg))
+    real = measure_step_memory(setup_for(cfg), torch.device("cuda"))
+    assert real["peak"]["total"] == pytest.approx(est["peak"]["total"], rel=0.10)
+
+
+def _header_lists() -> dict[str, tuple[str, ...]]:
+    header = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    if not header.exists():
+        pytest.skip(f"{header} is not installed")
+    text = header.read_text()
+    lists = {}
+    for macro in ("LOWER_PRECISION_FP", "FP32", "FP32_SET_OPT_DTYPE", "PROMOTE"):
+        body = text.split(f"#define AT_FORALL_{macro}(_)", 1)[1].split("\n\n", 1)[0]
+        names = re.findall(r"_\((\w+)(?:,\s*(\w+))?\)", body)
+        lists[macro] = tuple(f"{op}.{overload}" if overload else op for op, overload in names)
+    return lists
+
+
+def test_cuda_policy_lists_are_torchs() -> None:
+    lists = _header_lists()
+    assert set(_cuda_autocast.LOWER) == set(lists["LOWER_PRECISION_FP"])
+    assert set(_cuda_autocast.FP32) == set(lists["FP32"])
+    assert set(_cuda_autocast.FP32_SET_OPT_DTYPE) == set(lists["FP32_SET_OPT_DTYPE"])
+    assert set(_cuda_autocast.PROMOTE) == set(lists["PROMOTE"])
+
+
+def test_cuda_policy_casts_as_cuda_and_goes_away() -> None:
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    w = torch.nn.Linear(4, 4)
+    with _cuda_autocast.cuda_policy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.group_norm(x, 4).dtype == torch.float32  # CUDA: fp32 list
+        assert torch.softmax(x, -1).dtype == torch.float32  # fp32 via dtype=
+        assert w(x.float()).dtype == torch.bfloat16  # lower precision, CPU's own kernel
+        assert torch.addcmul(x, x.float(), x).dtype == torch.float32  # promote to the widest
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16  # CPU's policy is back
+
+
+@pytest.mark.slow
+def test_architectures_have_their_published_parameter_counts() -> None:
+    with torch.device("meta"):
+        sdxl, sd35, flux = (arches.ARCHITECTURES[k] for k in ("sdxl", "sd35_medium", "flux_dev"))
+        assert parameter_count([arches.denoiser(sdxl)]) == sdxl.params["unet"]
+        assert parameter_count([arches.vae(sdxl)]) == sdxl.params["vae"]
+        assert parameter_count(arches.text_encoders(sdxl)) == sdxl.params["text_encoders"]
+        assert parameter_count([arches.denoiser(flux)]) == flux.params["transformer"]
+        mmdit = arches.denoiser(sd35)  # the model card's 2.5B counts the 384 x 384 position table (a buffer)
+        total = parameter_count([mmdit]) + sum(b.numel() for b in mmdit.buffers())
+        assert total == pytest.approx(sd35.params["transformer"], rel=0.02)
+
+
+def test_committed_table_is_sane() -> None:
+    path = bench_memory.OUT / "memory.json"
+    if not path.exists():
+        pytest.skip("no estimate committed yet: python benchmarks/bench_memory.py")
+    payload = json.loads(path.read_text())
+    rows = {r["name"]: r for r in payload["results"]}
+    assert set(rows) <= {e.name for e in bench_memory.CONFIGS}
+    for name, r in rows.items():
+        assert r["peak"]["total"] >= r["floor_bytes"], name
+        if r["world"] > 1:
+            assert r["per_device"]["total"] >= r["floor_bytes_per_device"], name
+            assert r["per_device"]["total"] < r["peak"]["total"], name
+
+
+def test_floor_counts_bytes_per_role() -> None:
+    counts = {
+        "student": {"trained": 10, "lora": 0, "frozen": 0, "buffers": 0},
+        "teacher": {"trained": 0, "lora": 0, "frozen": 10, "buffers": 1},
+        "discriminator": {"trained": 3, "lora": 0, "frozen": 0, "buffers": 2},
+        "features": {"trained": 0, "lora": 0, "frozen": 5, "buffers": 0},
+    }
+    full = StepConfig("sdxl", 512, 1, "full")
+    assert bench_memory.floor_bytes(full, counts) == 16 * 13 + 2 * 11 + 4 * 2 + 4 * 5
+    teacher_d = StepConfig("sdxl", 512, 1, "full", discriminator="teacher")  # features: the bf16 teacher
+    assert bench_memory.floor_bytes(teacher_d, counts) == 16 * 13 + 2 * 11 + 4 * 2 + 2 * 5
