@@ -49,13 +49,17 @@ def student_weights(state: RunState) -> Iterator[nn.Module | None]:
         return
     live = state.trainable
     saved = [p.detach().clone() for p in live]
-    with torch.no_grad():
-        torch._foreach_copy_([p.data for p in live], list(state.ema.module.parameters()))
+    _copy_into(live, list(state.ema.module.parameters()))
     try:
         yield unet
     finally:
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in live], saved)
+        _copy_into(live, saved)
+
+
+@torch.no_grad()
+def _copy_into(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    for param, value in zip(params, values, strict=True):
+        param.copy_(value)
 
 
 @torch.no_grad()

@@ -73,7 +73,10 @@ def test_fp16_grad_scaler_updates_equal_the_float32_ones(reference, tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
     state = fresh_state(tmp_path, scaler)
     for step in range(2):
-        assert not train_step(state, [next(state.data)]).skipped
+        batch = [next(state.data)]
+        with count_host_reads() as counted:
+            assert not train_step(state, batch).skipped
+        assert counted.count == 1, counted.summary()  # the scaler reads nothing back either
         got = weights(state)
         different = [k for k in expected[step] if not torch.equal(got[k], expected[step][k])]
         assert not different, f"step {step + 1}: {len(different)} tensors differ, e.g. {different[:3]}"
