@@ -117,7 +117,10 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume, output_dir, say) if args.resume else None
     if resume is not None:
-        check_compatible(resume, layout(args, acc), say)
+        now = {"fsdp": args.fsdp, "ema": bool(args.ema_decay), "lora": bool(args.lora_rank)}
+        check_compatible(
+            resume, layout(processes=acc.num_processes, scaler=acc.scaler is not None, **now), say
+        )
     if args.preset == "tiny" and not args.data:
         with acc.main_process_first():
             args.data = str(tiny.make_dataset(output_dir / "tiny_data", seed=args.seed))
@@ -142,7 +145,7 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
         ema=_ema(args.ema_decay, trainable),
     )  # fmt: skip
     if resume is not None:
-        load_checkpoint(state, resume)
+        load_checkpoint(state, resume, say=lambda _: None)  # checked and said above
         state.resumed_from = resume
         say(f"add_sdxl: resumed from {resume} at step {state.progress.step}")
     dataset = data.ImageCaptionDataset(records, args.resolution)

@@ -38,15 +38,20 @@ MANIFEST = "manifest.json"
 _LAYOUT_FLAGS = {"fsdp": "--fsdp", "ema": "--ema-decay", "lora": "--lora-rank"}
 
 
-def layout(args: Any, accelerator: Any) -> dict[str, Any]:
-    """What a checkpoint of this run holds: the number of processes and the optional parts."""
-    return {
-        "processes": accelerator.num_processes,
-        "fsdp": bool(args.fsdp),
-        "ema": bool(args.ema_decay),
-        "lora": bool(args.lora_rank),
-        "scaler": accelerator.scaler is not None,
-    }
+def layout(*, processes: int, fsdp: bool, ema: bool, lora: bool, scaler: bool) -> dict[str, Any]:
+    """What a checkpoint holds: the number of processes that wrote it and its optional parts."""
+    return {"processes": processes, "fsdp": fsdp, "ema": ema, "lora": lora, "scaler": scaler}
+
+
+def run_layout(state: RunState) -> dict[str, Any]:
+    """The `layout` of a running state (read: ``accelerator``, ``fsdp``, ``ema``, ``scaling``, ``args``)."""
+    return layout(
+        processes=state.accelerator.num_processes,
+        fsdp=state.fsdp,
+        ema=state.ema is not None,
+        lora=bool(getattr(state.args, "lora_rank", 0)),
+        scaler=state.scaling.scaler is not None,
+    )
 
 
 def expected_files(lay: dict[str, Any]) -> list[str]:
@@ -192,7 +197,7 @@ def _write(state: RunState, tmp: Path) -> None:
 
 def _seal(state: RunState, tmp: Path, final: Path, keep: int) -> None:
     """Main process: check the files, write the manifest, rename into place, prune."""
-    lay = layout(state.args, state.accelerator)
+    lay = run_layout(state)
     empty = [f for f in expected_files(lay) if not (tmp / f).is_file() or (tmp / f).stat().st_size == 0]
     if empty:
         raise RecipeError(f"the checkpoint {tmp} lacks {empty} after writing")
@@ -274,12 +279,17 @@ def check_compatible(folder: Path, now: dict[str, Any], say: Callable[[str], Non
         )
 
 
-def load_checkpoint(state: RunState, folder: Path) -> None:
-    """Restore the run from ``folder`` (checked by `problem` and `check_compatible`; collective under ``--fsdp``).
+def load_checkpoint(state: RunState, folder: Path, say: Callable[[str], None] = print) -> None:
+    """Restore the run from ``folder`` after `problem` and `check_compatible` (collective under ``--fsdp``).
 
     Raises:
-        RecipeError: naming the folder, for a file that cannot be read.
+        RecipeError: naming the folder, for an incomplete checkpoint, a different setup, or a
+            file that cannot be read.
     """
+    why = problem(folder)
+    if why is not None:
+        raise RecipeError(f"--resume {folder}: not a complete checkpoint: {why}")
+    check_compatible(folder, run_layout(state), say)
     try:
         state.accelerator.load_state(str(folder))
         if state.fsdp:
