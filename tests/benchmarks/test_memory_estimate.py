@@ -1,6 +1,7 @@
-"""The fake-tensor memory estimate: equal to the tracked peak of the same step on real CPU tensors, within
-10 % of the CUDA allocator's peak on a GPU, CUDA's autocast policy as torch's header lists it, the real
-architectures' parameter counts, and the committed table's sanity (estimate >= analytic floor)."""
+"""The fake-tensor memory estimate: equal to the tracked peak of the same step on real CPU tensors and
+within 5 % of the CPU allocator's own count (profiler), within 10 % of the CUDA allocator's peak on a GPU,
+CUDA's autocast policy as torch's header lists it, the real architectures' parameter counts, and the
+committed table's sanity (estimate >= analytic floor)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import _architectures as arches  # benchmarks/ is on pytest's pythonpath
 import _cuda_autocast
 import bench_memory
 from _add_setups import StepConfig, setup_for
-from _estimate import estimate_step_memory, measure_step_memory
-from _materialize import parameter_count
+from _cuda_autocast import cuda_policy
+from _estimate import estimate_step_memory, measure_step_memory, warm_optimizers
+from _materialize import Materializer, parameter_count
 
 CPU = torch.device("cpu")
 TINY = [
@@ -49,6 +51,32 @@ def test_estimate_equals_measurement_on_real_cpu_tensors(cfg: StepConfig) -> Non
     assert dev["total"] == sum(v for k, v in dev.items() if k != "total")
     # what was made during the step and is alive at the peak, by part, adds up to no more than the peak
     assert 0 < sum(est["at_peak_by_part"].values()) <= est["peak"]["total"]
+
+
+def test_estimate_matches_the_cpu_allocators_own_count() -> None:
+    """Independent of the tracker: the profiler's allocation events of the real step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = StepConfig("tiny_flux", 64, 2, "lora", checkpointing=True, discriminator="teacher")
+    est = estimate_step_memory(setup_for(cfg))["peak"]["total"]
+    with cuda_policy():
+        setup = setup_for(cfg)(Materializer(None, CPU))
+        warm_optimizers(setup)
+        resident = [t for m in setup.parts.values() for t in (*m.parameters(), *m.buffers())]
+        resident += [
+            v for o in setup.optimizers for st in o.state.values() for v in st.values() if torch.is_tensor(v)
+        ]
+        before = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*resident, *setup.inputs)
+        }
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            setup.step()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):  # every allocation (+) and release (-)
+        live += event.nbytes()
+        peak = max(peak, live)
+    assert sum(before.values()) + peak == pytest.approx(est, rel=0.05)
 
 
 @pytest.mark.cuda
