@@ -30,13 +30,12 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from addkit import FlowSchedule, ProjectedDiscriminator, TeacherFeatures, wrap
 from addkit.objective import ADDObjective
@@ -45,6 +44,7 @@ from addkit.sampling import sample
 from .data import NEGATIVE_LABEL, NULL_LABEL, NUM_CLASSES, SIZE, load_digits_split, sample_batch
 from .distill import RunConfig, make_discriminator, record
 from .nets import UNET_CONFIG, Classifier, load_or_train, make_unet
+from .teacher import ema_model
 
 PREDICTION = "flow"
 STUDENT_STEPS = {1: (1.0,), 4: (1.0, 0.75, 0.5, 0.25)}
@@ -69,18 +69,6 @@ class FlowUNet(nn.Module):
         return self.unet(x_t, t * 1000, class_labels=class_labels).sample
 
 
-def _ema(model: nn.Module, decay: float) -> AveragedModel:
-    """EMA with the VP teacher's warm-up, $d_n = \\min(d, n / (n + 9))$."""
-
-    def average(ema_param: Tensor, param: Tensor, num_averaged: Tensor) -> Tensor:
-        n = int(num_averaged)
-        return ema_param.lerp(param, 1.0 - min(decay, n / (n + 9)))
-
-    ema = AveragedModel(model, avg_fn=average)
-    ema.update_parameters(model)
-    return ema
-
-
 def train_flow_teacher(
     steps: int,
     *,
@@ -97,7 +85,7 @@ def train_flow_teacher(
     g = torch.Generator().manual_seed(seed)
     data, sched = load_digits_split("train"), schedule()
     model = FlowUNet(make_unet(seed))
-    ema = _ema(model, ema_decay)
+    ema = ema_model(model, ema_decay)  # the VP teacher's EMA and warm-up
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     losses: list[float] = []
@@ -228,6 +216,29 @@ def distill_flow(
             opt_d.step()
         record(logs, {**row, **logs_d}, step, cfg, start, log)
     return student_net.eval().requires_grad_(False), dict(logs)
+
+
+def cached_flow_student(
+    out_dir: Path,
+    teacher: nn.Module,
+    disc_net: Classifier,
+    cfg: RunConfig,
+    *,
+    ladd: bool,
+    teacher_steps: int,
+    log=print,
+) -> tuple[nn.Module, dict[str, list[float]]]:
+    """``distill_flow``'s student from ``out_dir``, or trained and saved (a killed study resumes)."""
+    config = {"run": asdict(cfg), "ladd": ladd, "teacher_steps": teacher_steps, "v": 1}
+    key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+    def train() -> tuple[nn.Module, dict]:
+        student, logs = distill_flow(teacher, disc_net, cfg, ladd=ladd, log=log)
+        return student, {"logs": logs}
+
+    path = Path(out_dir) / f"flow-student-{cfg.name}-s{cfg.seed}-{key}.pt"
+    student, extra = load_or_train(path, lambda: copy.deepcopy(teacher), train, log=log)
+    return student, dict(extra["logs"])
 
 
 def flow_runs(base: RunConfig) -> list[tuple[str, RunConfig, bool]]:

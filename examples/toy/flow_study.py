@@ -23,8 +23,8 @@ from .distill import RunConfig, config_dict
 from .flow import (
     PREDICTION,
     STUDENT_STEPS,
+    cached_flow_student,
     cached_flow_teacher,
-    distill_flow,
     euler_sample,
     flow_runs,
     schedule,
@@ -64,8 +64,14 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
     for label, run, ladd in flow_runs(RunConfig(steps=cfg.distill_steps)):
         per_steps: dict[int, list[dict[str, float]]] = {1: [], 4: []}
         for seed in cfg.main_seeds:
-            student_net, logs = distill_flow(
-                teacher_net, disc_net, replace(run, seed=seed), ladd=ladd, log=log
+            student_net, logs = cached_flow_student(
+                out,
+                teacher_net,
+                disc_net,
+                replace(run, seed=seed),
+                ladd=ladd,
+                teacher_steps=cfg.teacher_steps,
+                log=log,
             )
             student = wrap(student_net, schedule(), PREDICTION)
             for n in (1, 4):
