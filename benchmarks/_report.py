@@ -4,8 +4,11 @@ Reads every ``benchmarks/results/<device>/*.json``. Each file holds one benchmar
 ``benchmark``, ``results`` (rows with ``name`` and ``median_s``; optional ``iqr_s``,
 ``peak_bytes`` and a ratio such as ``speedup_vs_naive``), ``metadata`` (git SHA, torch
 version, device name) and optionally ``headline`` (the figures worth a summary line) and
-``memory_method``. Only the text between the markers in benchmarks/README.md is replaced;
-docs/performance.md is written whole.
+``memory_method``. Two kinds are rendered apart: the memory estimate
+(``results/estimate/memory.json`` from ``bench_memory.py``: which configuration fits which GPU,
+its breakdown and analytic floor) and the GPU check (``results/cuda/gpu_check_*.json`` from
+``gpu_check.py``; until one exists the page says the CUDA figures are missing). Only the text
+between the markers in benchmarks/README.md is replaced; docs/performance.md is written whole.
 
 Run ``python benchmarks/_report.py`` to regenerate both without re-running anything.
 """
@@ -87,15 +90,187 @@ def summary(payloads: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def _gib(nbytes: Any) -> str:
+    return "" if nbytes is None else f"{nbytes / 2**30:.1f}"
+
+
+def _setting(cfg: dict[str, Any]) -> str:
+    bits = [cfg["train"] if cfg["train"] == "full" else f"LoRA r{cfg['lora_rank']}"]
+    bits += ["GC"] if cfg.get("checkpointing") else []
+    bits += ["VAE GC"] if cfg.get("vae_checkpointing") else []
+    bits += ["teacher GC"] if cfg.get("teacher_checkpointing") else []
+    bits += ["DINOv2 D on pixels" if cfg["discriminator"] == "dinov2" else "teacher-feature D"]
+    return ", ".join(bits)
+
+
+MODEL_NAMES = {"sdxl": "SDXL", "sd35_medium": "SD3.5 medium", "flux_dev": "Flux.1 dev"}
+
+
+def _fits(nbytes: int, gpus: list[int], headroom: float) -> list[str]:
+    return ["yes" if nbytes <= headroom * g * 2**30 else "no" for g in gpus]
+
+
+def _phase(row: dict[str, Any]) -> str:
+    """The step's phase at the peak; a forward pass after gradients exist is the discriminator step's."""
+    phase = row.get("peak_phase", "")
+    if phase == "forward":
+        return "D step forward" if row["peak"].get("gradients") else "G step forward"
+    return phase
+
+
+def memory_table(payload: dict[str, Any]) -> str:
+    """The estimate: configuration, peak and breakdown (GiB), analytic floor, fits 24 / 48 / 80 GiB."""
+    gpus, headroom = payload.get("gpus_gib", [24, 48, 80]), payload.get("headroom", 0.9)
+    head = ["model", "px", "batch", "setting", "GPUs", "peak", "weights", "grads", "AdamW", "activations"]
+    head += ["temporaries", "floor", "at the peak: phase, largest part"] + [f"fits {g}" for g in gpus]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|---|---:|---:|---|---|" + "---:|" * 7 + "---|" * (1 + len(gpus)),
+    ]
+    for r in payload.get("results", []):
+        cfg = r["config"]
+        views = [("1", r["peak"], r["floor_bytes"])]
+        if r.get("per_device"):
+            views.append((f"FSDP x{r['world']} (per GPU)", r["per_device"], r["floor_bytes_per_device"]))
+        part, nbytes = max(r.get("at_peak_by_part", {"": 0}).items(), key=lambda kv: kv[1])
+        where = _phase(r)
+        where = f"{where}; {part} {_gib(nbytes)}" if part else where
+        for gpus_label, p, floor in views:
+            weights = p.get("parameters", 0) + p.get("buffers", 0) + p.get("fsdp_gather", 0)
+            temps = p.get("temporaries", 0) + p.get("optimizer_step", 0)
+            cells = [MODEL_NAMES.get(cfg["model"], cfg["model"]), str(cfg["resolution"]), str(cfg["batch"])]
+            cells += [_setting(cfg), gpus_label, f"**{_gib(p['total'])}**", _gib(weights)]
+            cells += [
+                _gib(p.get("gradients")),
+                _gib(p.get("optimizer")),
+                _gib(p.get("activations")),
+                _gib(temps),
+            ]
+            cells += [_gib(floor), where, *_fits(p["total"], gpus, headroom)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MEMORY_INTRO = """Peak GPU memory of one ADD training step, **estimated on a CPU** by `benchmarks/bench_memory.py`:
+the step runs on fake tensors (`FakeTensorMode`, nothing allocated) with the real architectures and
+the recipes' code, and a storage tracker (`torch.distributed._tools` `MemTracker`) keeps the peak of
+live tensor bytes, the figure `torch.cuda.max_memory_allocated` reports. GiB throughout. *weights*
+counts parameters and buffers of every resident network (teacher, VAE, text encoders, discriminator;
+for FSDP the two gathered blocks too), *grads* and *AdamW* the trained ones; *activations* are saved
+in forward, *temporaries* made in backward or the optimiser step. *floor* is weights + gradients +
+AdamW state from the parameter counts alone (frozen: 2 bytes a parameter in bf16; trained and LoRA:
+4 + 4 + 8 = 16 bytes; divided by the GPUs for FSDP): the estimate can only be above it. *At the
+peak*: the phase of the step (the generator's or the discriminator's forward, a backward, the
+optimiser step) and the part whose tensors, made
+during the step, weigh most then (GC: gradient checkpointing; the teacher's feature pass keeps a
+graph in the generator step, and with LoRA `adapters_disabled` suspends its checkpointing, "teacher
+GC" shows what checkpointing it would save). A configuration fits when
+its peak is at most {headroom:.0%} of the GPU (CUDA context, workspaces and fragmentation are not in the
+estimate). FSDP x{world} is an estimate per GPU: parameters, gradients and optimiser state divided
+by {world}, activations whole. SDXL rows run `examples/add_sdxl.py`'s step, flow rows
+`examples/add_flow.py`'s (LADD; the LoRA teacher is the student with its adapters disabled, one copy of
+the weights). {method}."""
+
+
+def render_memory(payload: dict[str, Any] | None, heading: str) -> str:
+    """The memory estimate section."""
+    title = f"{heading} Memory: which configuration fits which GPU"
+    if payload is None:
+        return f"{title}\n\nNo estimate yet: run `python benchmarks/bench_memory.py`."
+    worlds = [r["world"] for r in payload.get("results", []) if r.get("world", 1) > 1] or [8]
+    intro = MEMORY_INTRO.format(
+        headroom=payload.get("headroom", 0.9),
+        world=worlds[0],
+        method=f"Method: {payload.get('memory_method', '')}",
+    )
+    meta = payload.get("metadata", {})
+    where = f"Estimated with torch {meta.get('torch', '?')}, git `{str(meta.get('git_sha', '?'))[:10]}`."
+    return "\n\n".join([title, intro, where, memory_table(payload)])
+
+
+def render_gpu_check(payloads: list[dict[str, Any]], heading: str) -> str:
+    """The GPU check section, or the note that its figures are missing."""
+    title = f"{heading} GPU check"
+    by = {p.get("benchmark"): p for p in payloads}
+    if not by:
+        return (
+            f"{title}\n\n**The CUDA figures are missing**: no GPU run of `python benchmarks/gpu_check.py` exists "
+            "yet. On one GPU it runs every CUDA-marked test, times the sampler at 512x512 (diffusers, eager, "
+            "CUDA graph, `torch.compile`), runs ADD training steps at 512x512 and compares their peak memory "
+            "with the estimate above, then writes its results here."
+        )
+    parts = [title]
+    meta = next(iter(by.values())).get("metadata", {})
+    parts.append(
+        f"{meta.get('device_name', 'GPU')}, torch {meta.get('torch', '?')}, git `{str(meta.get('git_sha', '?'))[:10]}`."
+    )
+    tests = by.get("gpu_check_tests", {}).get("tests")
+    if tests:
+        parts.append(
+            f"CUDA-marked tests: {tests.get('passed', 0)} passed, {len(tests.get('failed') or [])} failed "
+            f"({', '.join(tests.get('failed') or []) or 'none'}), {tests.get('skipped', 0)} skipped."
+        )
+    sampler = by.get("gpu_check_sampler")
+    if sampler:
+        lines = [
+            "| variant | GPU ms / image | CPU ms / call | first call (s) | vs eager |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in sampler["results"]:
+            lines.append(
+                f"| `{r['name']}` | {r['gpu_ms_per_image']:.1f} | {r['cpu_ms_per_call']:.1f} | "
+                f"{r['first_call_s']:.1f} | {r['speedup_vs_naive']:.2f}x |"
+            )
+        skipped = sampler.get("skipped") or {}
+        note = "; ".join(f"`{k}`: {v}" for k, v in skipped.items())
+        parts.append(
+            f"Sampler, {sampler.get('description', '')}." + (f" Not measured: {note}." if note else "")
+        )
+        parts.append("\n".join(lines))
+    training = by.get("gpu_check_training")
+    if training:
+        lines = [
+            "| configuration | images / s | measured peak (GiB) | estimate (GiB) | measured / estimate |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in training["results"]:
+            if r.get("status") != "ok":
+                lines.append(f"| `{r['name']}` | {r.get('status')} | | | |")
+                continue
+            ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else ""
+            lines.append(
+                f"| `{r['name']}` | {r['images_per_s']:.2f} | {_gib(r['peak_bytes'])} | "
+                f"{_gib(r.get('estimate_bytes'))} | {ratio} |"
+            )
+        parts.append(
+            f"Training, {training.get('description', '')} (tolerance {training.get('tolerance', 0.1):.0%})."
+        )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _split(
+    payloads: list[dict[str, Any]],
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    memory = next((p for p in payloads if p.get("benchmark") == "memory"), None)
+    gpu = [p for p in payloads if str(p.get("benchmark", "")).startswith("gpu_check_")]
+    rest = [p for p in payloads if p is not memory and p not in gpu]
+    return memory, gpu, rest
+
+
 def render(payloads: list[dict[str, Any]], *, heading: str = "###") -> str:
-    """Summary, then per device and benchmark: context line, method notes and the table."""
+    """Summary, per device and benchmark (context line, method notes, table), memory, GPU check."""
+    memory, gpu, payloads = _split(payloads)
+    head = [render_memory(memory, heading), render_gpu_check(gpu, heading)]
     if not payloads:
-        return "No results yet: run `python benchmarks/run_all.py --quick`."
-    parts = [CAVEAT]
+        return "\n\n".join(
+            [*head, "No microbenchmark results yet: run `python benchmarks/run_all.py --quick`."]
+        )
+    parts = [*head, f"{heading} Microbenchmarks", CAVEAT]
     if s := summary(payloads):
         parts.append(s)
     for p in payloads:
-        parts.append(f"{heading} `{p.get('benchmark')}` on {p['_device_dir']}")
+        parts.append(f"{heading}# `{p.get('benchmark')}` on {p['_device_dir']}")
         notes = [_device_line(p)]
         if p.get("description"):
             notes.append(str(p["description"]))
@@ -119,6 +294,10 @@ def update_readme(text: str, path: Path = README) -> None:
 
 
 PAGE = """# Performance
+
+Which training configuration fits which GPU is in [Memory](#memory-which-configuration-fits-which-gpu):
+an estimate made on a CPU, beside the analytic floor. Measurements on a GPU are in
+[GPU check](#gpu-check) (missing until a GPU run exists).
 
 Microbenchmarks of addkit's hot paths, each timed against the naive way of doing the same thing
 in the same run (`torch.utils.benchmark.Timer.blocked_autorange`: warm-up, device sync, median

@@ -18,8 +18,8 @@ gradients) + 8 (AdamW's two moments) = 16 bytes, LoRA weights likewise; divided 
 A configuration fits a GPU of ``G`` GiB when its estimate is at most 90 % of it (the CUDA
 context, cuDNN/cuBLAS workspaces and the allocator's fragmentation are not in the estimate).
 
-Run: ``python benchmarks/bench_memory.py`` (every configuration: 30-90 s each on one core, two
-at a time by default) or ``--quick`` (two of them, what ``run_all.py --quick`` runs); ``--only
+Run: ``python benchmarks/bench_memory.py`` (every configuration: about 45 s each on one core,
+two at a time by default) or ``--quick`` (two of them, what ``run_all.py --quick`` runs); ``--only
 NAME ...`` for some. Results are merged by
 configuration name into ``benchmarks/results/estimate/memory.json``; ``run_all.py`` and
 ``_report.py`` put the table into ``docs/performance.md``.

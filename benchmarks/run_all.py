@@ -5,7 +5,10 @@ minutes); without ``--quick`` on a machine with CUDA, the full sizes run on the 
 ViT-S at 224 and 518, bf16, SDXL sizes for the sampler). Without ``--quick`` and without a GPU
 it falls back to the quick sizes and says so. Each benchmark runs in its own process, so a
 failure or a memory peak in one does not touch the others; results go to
-``benchmarks/results/<device>/<benchmark>.json``.
+``benchmarks/results/<device>/<benchmark>.json``. ``bench_memory`` is an estimate made on the
+CPU whatever the machine (real sizes on fake tensors): ``--quick`` estimates two
+configurations (a minute or two), the full run all of them; its rows are merged into
+``benchmarks/results/estimate/memory.json``. ``gpu_check.py`` is not run from here.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ BENCHMARKS = (
     "bench_adversarial",
     "bench_discriminator",
     "bench_distillation",
+    "bench_memory",
     "bench_objective",
     "bench_sampler",
 )
-
 
 
 def run_one(name: str, quick: bool) -> tuple[bool, float]:
