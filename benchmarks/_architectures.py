@@ -140,8 +140,8 @@ DINOV2_L = {"model_name": "vit_large_patch14_dinov2", "img_size": 224}
 class Architecture:
     """A family's networks at one size.
 
-    ``kind`` is ``"unet"`` (SD/SDXL: UNet + VAE, 8x or tiny 2x latents) or ``"sd3"`` /
-    ``"flux"`` (transformers on precomputed latents). ``params`` holds the published counts.
+    ``kind`` is ``"unet"`` (SDXL's recipe) or ``"sd3"`` / ``"flux"`` (the flow recipe); the
+    latent shape follows from the VAE. ``params`` holds the published counts (none: tiny).
     """
 
     kind: str
@@ -150,8 +150,6 @@ class Architecture:
     text_encoders: tuple[tuple[str, dict[str, Any]], ...] = ()  # ("clip" | "clip_projection" | "t5", config)
     dinov2: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] | None = None
-    latent_channels: int = 4
-    downsampling: int = 8
     text_len: int = 77
     text_dim: int = 2048
     pooled_dim: int = 1280
@@ -181,7 +179,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         SD35_MEDIUM,
         vae=SD3_VAE,
         text_encoders=(("clip_projection", CLIP_L_PROJ), ("clip_projection", CLIP_BIGG_TEXT), ("t5", T5_XXL)),
-        latent_channels=16,
         text_len=333,  # 77 CLIP + 256 T5 tokens
         text_dim=4096,
         pooled_dim=2048,
@@ -192,7 +189,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         FLUX_DEV,
         vae=FLUX_VAE,
         text_encoders=(("clip", CLIP_L_TEXT), ("t5", T5_XXL)),
-        latent_channels=16,
         text_len=512,  # T5 tokens of Flux.1 [dev]
         text_dim=4096,
         pooled_dim=768,
@@ -204,7 +200,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae={},
         dinov2={},
         image_encoder={},
-        downsampling=2,
         text_len=8,
         text_dim=32,
         pooled_dim=16,
@@ -218,7 +213,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         text_len=8,
         text_dim=16,
         pooled_dim=8,
-        downsampling=2,
     ),
     "tiny_flux": Architecture(
         "flux",
@@ -227,7 +221,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         text_len=8,
         text_dim=16,
         pooled_dim=8,
-        downsampling=2,
     ),
 }
 

@@ -120,7 +120,6 @@ def test_cuda_policy_casts_as_cuda_and_goes_away() -> None:
         assert torch.nn.functional.group_norm(x, 4).dtype == torch.bfloat16  # CPU's policy is back
 
 
-@pytest.mark.slow
 def test_architectures_have_their_published_parameter_counts() -> None:
     with torch.device("meta"):
         sdxl, sd35, flux = (arches.ARCHITECTURES[k] for k in ("sdxl", "sd35_medium", "flux_dev"))
@@ -128,6 +127,8 @@ def test_architectures_have_their_published_parameter_counts() -> None:
         assert parameter_count([arches.vae(sdxl)]) == sdxl.params["vae"]
         assert parameter_count(arches.text_encoders(sdxl)) == sdxl.params["text_encoders"]
         assert parameter_count([arches.denoiser(flux)]) == flux.params["transformer"]
+        for arch in (sd35, flux):  # CLIP towers and the T5-XXL encoder
+            assert parameter_count(arches.text_encoders(arch)) == arch.params["text_encoders"]
         mmdit = arches.denoiser(sd35)  # the model card's 2.5B counts the 384 x 384 position table (a buffer)
         total = parameter_count([mmdit]) + sum(b.numel() for b in mmdit.buffers())
         assert total == pytest.approx(sd35.params["transformer"], rel=0.02)
