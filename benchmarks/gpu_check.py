@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+import addkit
 import bench_sampler
 from _add_setups import StepConfig, setup_for
 from _common import RESULTS, ROOT, metadata, write_result
@@ -324,20 +325,28 @@ def run_gpu(budget_s: float, out: Path) -> int:
 
 def self_check() -> int:
     """Without a GPU: check the plan on the CPU at tiny size; write nothing; 0 when it holds."""
+    from addkit.sampling import CUDAGraphSampler
+
     cpu = torch.device("cpu")
     files = cuda_test_files()
     print(f"(a) plan: pytest -m cuda ({sum(files.values())} CUDA markers in {len(files)} files)")
     steps, _ = bench_sampler.make_steps(SAMPLER_TINY, cpu)
     for fn in steps.values():
         fn()
+    vp = addkit.VPSchedule.scaled_linear()
+    denoiser = addkit.wrap(lambda x_t, t: x_t, vp, "eps")
+    for n in SAMPLER.compile_steps:  # the compiled variants are built as on the GPU (not compiled here)
+        CUDAGraphSampler(
+            denoiser, schedule=vp, timesteps=vp.timesteps(n), renoise="ancestral", compile="reduce-overhead"
+        )
     kinds = sorted({n.split("_")[0] for n in steps})
-    print(
-        f"(b) plan: {len(SAMPLER.steps)} step counts x eager, CUDA graph, compile, diffusers; tiny CPU run: {kinds}"
-    )
+    print(f"(b) plan: steps {SAMPLER.steps} x eager, CUDA graph, compile, diffusers; tiny CPU run: {kinds}")
     tiny = [dataclasses.replace(c, model="tiny_sdxl", resolution=16, batch=2) for c in TRAINING]
     for full, cfg in zip(TRAINING, tiny):
-        run_training(cfg, cpu, steps=1)
-        print(f"(c) plan: {full.name}; tiny twin ran a step")
+        row = run_training(cfg, cpu, steps=1)
+        print(f"(c) plan: {full.name}; its tiny twin: {row['status']}")
+        if row["status"] != "ok":
+            return 1
     got = estimate(tiny[-1])
     print(
         f"(d) plan: estimate vs torch.cuda.max_memory_allocated within {TOLERANCE:.0%}; tiny estimate {got} bytes"

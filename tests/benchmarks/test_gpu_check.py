@@ -25,7 +25,7 @@ def test_self_check_runs_the_plan_on_the_cpu(capsys: pytest.CaptureFixture[str],
     for stage in ("(a) plan", "(b) plan", "(c) plan", "(d) plan"):
         assert stage in out
     for cfg in gpu_check.TRAINING:
-        assert cfg.name in out
+        assert f"(c) plan: {cfg.name}; its tiny twin: ok" in out
     assert not list(tmp_path.iterdir())  # nothing written
 
 
