@@ -14,7 +14,8 @@ noise at $t = 1$:
 - **LADD**: the discriminator reads the *teacher's* features (``TeacherFeatures`` on its down
   and mid blocks, class-conditioned like the teacher) on real and generated images re-noised to
   a logit-normal noise level $\\hat t$ (m = 1, s = 1), heads conditioned on the class; no
-  distillation loss and no second image network.
+  distillation loss and no second image network. An ablation draws lower noise levels
+  (m = −1): does LADD's high noise leave the teacher too little of an 8×8 image to read?
 
 Optimiser settings are the ADD row's (chosen on the VP teacher; not tuned here).
 
@@ -143,23 +144,38 @@ def euler_sample(denoiser: object, labels: Tensor, steps: int, generator: torch.
     return x0.clamp(-1, 1)
 
 
-def ladd_discriminator(teacher: nn.Module) -> ProjectedDiscriminator:
-    """LADD's discriminator: heads on the flow teacher's taps, conditioned on the class (one-hot)."""
+def ladd_discriminator(teacher: nn.Module, logit_mean: float = 1.0) -> ProjectedDiscriminator:
+    """LADD's discriminator: heads on the flow teacher's taps, conditioned on the class (one-hot).
+
+    The noise level is logit-normal with mean ``logit_mean`` (LADD: 1) and std 1.
+    """
     channels = [UNET_CONFIG["block_out_channels"][0]] + [UNET_CONFIG["block_out_channels"][-1]] * 2
-    features = TeacherFeatures(teacher, schedule(), list(TEACHER_TAPS), channels=channels)
+    features = TeacherFeatures(
+        teacher, schedule(), list(TEACHER_TAPS), channels=channels, logit_mean=logit_mean
+    )
     return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES)
 
 
 def distill_flow(
-    teacher: nn.Module, disc_net: Classifier, cfg: RunConfig, *, ladd: bool, log=print
+    teacher: nn.Module, disc_net: Classifier, cfg: RunConfig, *, ladd_mean: float | None, log=print
 ) -> tuple[nn.Module, dict[str, list[float]]]:
-    """ADD (``ladd=False``) or LADD student of the flow teacher; returns it (eval) and per-step logs."""
+    """ADD or LADD student of the flow teacher; returns it (eval) and per-step logs.
+
+    Args:
+        ladd_mean: ``None`` for ADD; for LADD, the mean of the logit-normal noise levels its
+            discriminator draws (LADD: 1).
+    """
+    ladd = ladd_mean is not None
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     sched, data = schedule(), load_digits_split("train")
     student_net = copy.deepcopy(teacher).train().requires_grad_(True)
     student = wrap(student_net, sched, PREDICTION)
-    D = ladd_discriminator(teacher) if ladd else make_discriminator(disc_net, cfg.d_conditioning, cfg.augment)
+    D = (
+        ladd_discriminator(teacher, ladd_mean)
+        if ladd
+        else make_discriminator(disc_net, cfg.d_conditioning, cfg.augment)
+    )
     objective = ADDObjective(
         wrap(teacher, sched, PREDICTION),
         D,
@@ -224,16 +240,18 @@ def cached_flow_student(
     disc_net: Classifier,
     cfg: RunConfig,
     *,
-    ladd: bool,
+    ladd_mean: float | None,
     teacher_steps: int,
     log=print,
 ) -> tuple[nn.Module, dict[str, list[float]]]:
     """``distill_flow``'s student from ``out_dir``, or trained and saved (a killed study resumes)."""
-    config = {"run": asdict(cfg), "ladd": ladd, "teacher_steps": teacher_steps, "v": 1}
+    config = {"run": asdict(cfg), "ladd": ladd_mean is not None, "teacher_steps": teacher_steps, "v": 1}
+    if ladd_mean not in (None, 1.0):
+        config["ladd_mean"] = ladd_mean
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
     def train() -> tuple[nn.Module, dict]:
-        student, logs = distill_flow(teacher, disc_net, cfg, ladd=ladd, log=log)
+        student, logs = distill_flow(teacher, disc_net, cfg, ladd_mean=ladd_mean, log=log)
         return student, {"logs": logs}
 
     path = Path(out_dir) / f"flow-student-{cfg.name}-s{cfg.seed}-{key}.pt"
@@ -241,9 +259,12 @@ def cached_flow_student(
     return student, dict(extra["logs"])
 
 
-def flow_runs(base: RunConfig) -> list[tuple[str, RunConfig, bool]]:
-    """(row label, run config, LADD?) of the flow students."""
+def flow_runs(
+    base: RunConfig, main_seeds: tuple[int, ...], ablation_seeds: tuple[int, ...]
+) -> list[tuple[str, RunConfig, float | None, tuple[int, ...]]]:
+    """(row label, run config, LADD's logit mean or None for ADD, seeds) of the flow students."""
     return [
-        ("ADD (flow teacher)", replace(base, name="flow_add"), False),
-        ("LADD (flow teacher, teacher features)", replace(base, name="flow_ladd"), True),
+        ("ADD (flow teacher)", replace(base, name="flow_add"), None, main_seeds),
+        ("LADD (flow teacher, teacher features)", replace(base, name="flow_ladd"), 1.0, main_seeds),
+        ("LADD, lower noise levels (m = −1)", replace(base, name="flow_ladd_low"), -1.0, ablation_seeds),
     ]

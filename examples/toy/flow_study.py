@@ -1,10 +1,10 @@
 """The flow rows of the study: a rectified-flow teacher, its ADD and LADD students at 1 and 4 steps.
 
 ``python examples/add_toy.py --flow`` (``--quick`` for the test's size). Same data, classifiers,
-metrics and seeds policy as the VP rows (teacher: three sampling seeds; each student row: the
-study's main seeds), with the classifiers from the same cache, so the rows compare with the VP
-table. Writes ``results_flow.json``, ``table_flow.md``, ``samples_flow.png`` and
-``curves_flow.png`` into ``--out``.
+metrics and seeds policy as the VP rows (teacher: three sampling seeds; the ADD and LADD rows:
+the study's main seeds; the LADD ablation with lower noise levels: its ablation seeds), with the
+classifiers from the same cache, so the rows compare with the VP table. Writes
+``results_flow.json``, ``table_flow.md``, ``samples_flow.png`` and ``curves_flow.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -61,15 +61,18 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
             f"flow teacher {n} steps: {rows[-1]['metrics']['fd']['mean']:.3f} FD ({time.time() - start:.0f}s)"
         )
     curves = {"flow teacher: velocity loss": {"loss": teacher_losses}}
-    for label, run, ladd in flow_runs(RunConfig(steps=cfg.distill_steps)):
+    runs = flow_runs(RunConfig(steps=cfg.distill_steps), cfg.main_seeds, cfg.ablation_seeds)
+    for label, run, ladd_mean, seeds in runs:
+        if not seeds:
+            continue
         per_steps: dict[int, list[dict[str, float]]] = {1: [], 4: []}
-        for seed in cfg.main_seeds:
+        for seed in seeds:
             student_net, logs = cached_flow_student(
                 out,
                 teacher_net,
                 disc_net,
                 replace(run, seed=seed),
-                ladd=ladd,
+                ladd_mean=ladd_mean,
                 teacher_steps=cfg.teacher_steps,
                 log=log,
             )
@@ -77,12 +80,12 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
             for n in (1, 4):
                 gen = torch.Generator().manual_seed(2000 + seed)
                 per_steps[n].append(evaluate(student_sample(student, labels, STUDENT_STEPS[n], gen), labels))
-                if seed == cfg.main_seeds[0]:
+                if seed == seeds[0]:
                     img = student_sample(
                         student, grid_labels, STUDENT_STEPS[n], torch.Generator().manual_seed(0)
                     )
                     grids.append((f"{run.name}, {n} step{'s' * (n > 1)}", to_pil_grid(img, NUM_CLASSES)))
-            if seed == cfg.main_seeds[0]:
+            if seed == seeds[0]:
                 curves[f"{run.name}: D hinge loss"] = {"d/adv": logs["d/adv"]}
         for n in (1, 4):
             rows.append(
@@ -90,7 +93,7 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
                     "row": label,
                     "run": run.name,
                     "steps": n,
-                    "config": {**config_dict(run), "ladd": ladd},
+                    "config": {**config_dict(run), "ladd_logit_mean": ladd_mean},
                     "metrics": _aggregate(per_steps[n]),
                 }
             )
