@@ -1,7 +1,7 @@
 """Reference recipe: Adversarial Diffusion Distillation of an SDXL (or SD 1.x/2.x) UNet.
 
-Run ``python examples/add_sdxl.py`` (the ``tiny`` preset: random SDXL-architecture models, CPU,
-seconds) or ``accelerate launch examples/add_sdxl.py --pretrained stabilityai/stable-diffusion-xl-base-1.0
+Run ``python examples/add_sdxl.py`` (the ``tiny`` preset: the tiny world's pretrained
+SDXL-architecture teacher distilled on a CPU in minutes, then scored) or ``accelerate launch examples/add_sdxl.py --pretrained stabilityai/stable-diffusion-xl-base-1.0
 --data DIR ...``. See ``examples/README.md`` and ``docs/recipe.md``.
 
 The loop lives here, the maths in addkit: ``ADDObjective`` builds the student inputs and both
@@ -15,7 +15,9 @@ samples, checkpoints and logs on the way. The parts live beside this file:
 - ``add_sdxl_checkpoint.py``: complete-or-absent checkpoints, verified on save and load;
 - ``add_sdxl_fsdp.py``: ``--fsdp`` (FSDP2 ``fully_shard``, driven here);
 - ``add_sdxl_report.py``: grids, diversity, export, the closing summary;
-- ``add_sdxl_data.py``, ``add_sdxl_tiny.py``: data, and the ``tiny`` preset.
+- ``add_sdxl_data.py``: data (an image + caption folder, a manifest, a ``datasets`` name);
+- ``add_sdxl_tiny.py``, ``add_sdxl_random.py``: the ``tiny`` preset (the tiny world's data and
+  scores) and the ``random`` preset (random-weight models, for plumbing checks).
 
 References:
     Sauer et al., *Adversarial Diffusion Distillation*, arXiv 2311.17042 (ADD).
@@ -37,6 +39,7 @@ from torch import nn
 
 import add_sdxl_data as data
 import add_sdxl_fsdp as fsdp
+import add_sdxl_random as random_preset
 import add_sdxl_tiny as tiny
 import addkit
 from add_sdxl_args import NonFiniteLossError, RecipeError, check_paths, parse_args
@@ -121,9 +124,10 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
         check_compatible(
             resume, layout(processes=acc.num_processes, scaler=acc.scaler is not None, **now), say
         )
-    if args.preset == "tiny" and not args.data:
+    if args.preset in ("tiny", "random") and not args.data:
+        make = tiny.make_dataset if args.preset == "tiny" else random_preset.make_dataset
         with acc.main_process_first():
-            args.data = str(tiny.make_dataset(output_dir / "tiny_data", seed=args.seed))
+            args.data = str(make(output_dir / f"{args.preset}_data", seed=args.seed))
     records = data.load_records(
         args.data, split=args.split, image_column=args.image_column, caption_column=args.caption_column
     )
@@ -235,8 +239,13 @@ def train(args: argparse.Namespace) -> RunSummary:
                 acc.wait_for_everyone()
             if _due(result.step, args.checkpoint_every, args.max_steps):
                 last_checkpoint = save_checkpoint(state, output_dir, args.checkpoints_keep, last_checkpoint)
+        scores = None
         with student_weights(state) as unet:
             exported = export(args, state.models, unet) if unet is not None else None
+            if unet is not None and args.preset == "tiny":
+                bar.close()
+                print("add_sdxl: scoring teacher and student on the tiny world's held-out captions ...")
+                scores = tiny.evaluate(state.models, unet, output_dir, seed=args.seed)
             student = unet if args.fsdp else (acc.unwrap_model(state.student) if unet is not None else None)
         acc.wait_for_everyone()
     finally:
@@ -245,7 +254,7 @@ def train(args: argparse.Namespace) -> RunSummary:
     summary = RunSummary(
         step=progress.step, nonfinite_total=progress.nonfinite_total, seconds=time.perf_counter() - started,
         checkpoint=last_checkpoint, export=exported, grid=grid, logs=output_dir / "logs",
-        student=student, discriminator=state.discriminator,
+        student=student, discriminator=state.discriminator, scores=scores,
     )  # fmt: skip
     if acc.is_main_process:
         print(summary.text(args))

@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 R1_PLACEMENTS = ("features", "images", "approximate", "none")
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
@@ -84,8 +85,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     # fmt: off
     g = p.add_argument_group("models and data")
-    g.add_argument("--preset", choices=("tiny", "none"), default=None,
-                   help="tiny: random SDXL-architecture models, drawn data (default without --pretrained)")
+    g.add_argument("--preset", choices=PRESETS, default=None,
+                   help="tiny: the tiny world's pretrained SDXL-architecture teacher, distilled and scored "
+                        "(default without --pretrained); random: random-weight models (plumbing checks)")
     g.add_argument("--pretrained", help="diffusers SDXL / SD 1.x / SD 2.x checkpoint (hub id or folder)")
     g.add_argument("--revision", default=None)
     g.add_argument("--output-dir", default="outputs/add_sdxl")
@@ -94,7 +96,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--image-column", default=None)
     g.add_argument("--caption-column", default=None)
     g.add_argument("--resolution", type=count(8), default=None,
-                   help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny)")
+                   help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny and random)")
     g.add_argument("--num-workers", type=count(0), default=0)
 
     g = p.add_argument_group("student and precision")
@@ -129,6 +131,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--dinov2", default="vit_small_patch14_dinov2.lvd142m", help="timm name (ADD: ViT-S/14)")
     g.add_argument("--dinov2-weights", default=None, help="local weights file for --dinov2 (offline)")
     g.add_argument("--dinov2-resolution", type=count(14), default=224)
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="DiffAugment on the discriminator's inputs (default: on; off for tiny)")
     g.add_argument("--image-encoder", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm model for the image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'")
     g.add_argument("--teacher-taps", nargs="+", default=None, help="UNet blocks for --discriminator teacher")
@@ -171,31 +175,54 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
+PRESETS = ("tiny", "random", "none")
+
+
+def preset_defaults(preset: str) -> dict[str, Any]:
+    """The values a preset gives the options left unset on the command line.
+
+    ``tiny``: the tiny world's tuned ADD settings (``tiny_world.DEFAULTS``, measured by
+    ``tiny_world.distill_check``); ``random``: a few steps of plumbing; ``none``: a real run.
+    """
+    if preset == "tiny":
+        import tiny_world
+
+        steps = tiny_world.DEFAULTS["max_steps"]
+        return {
+            **tiny_world.DEFAULTS,
+            "checkpoint_every": steps,
+            "sample_every": steps,
+            "export_pipeline": True,
+        }
+    random = preset == "random"
+    return {
+        "max_steps": 4 if random else 10_000,
+        "batch_size": 2 if random else 4,
+        "lr": 1e-4 if random else 1e-5,
+        "lr_d": 1e-4 if random else 2e-5,
+        "checkpoint_every": 2 if random else 500,
+        "sample_every": 4 if random else 500,
+        "export_pipeline": random,
+        "augment": True,
+    }
+
+
 def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
     """Parse and check ``argv``; fill the preset's defaults. Errors exit with argparse's one line."""
     p = build_parser(description)
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = "none" if args.pretrained else "tiny"
-    tiny = args.preset == "tiny"
-    if tiny and args.pretrained:
-        p.error("--preset tiny builds its own models: drop --pretrained, or use --preset none")
-    if not tiny and not args.pretrained:
+    builtin = args.preset != "none"
+    if builtin and args.pretrained:
+        p.error(f"--preset {args.preset} brings its own models: drop --pretrained, or use --preset none")
+    if not builtin and not args.pretrained:
         p.error("--preset none needs --pretrained")
-    if not tiny and not args.data:
+    if not builtin and not args.data:
         p.error("--data is required with --pretrained")
-    defaults = {
-        "max_steps": 4 if tiny else 10_000,
-        "batch_size": 2 if tiny else 4,
-        "lr": 1e-4 if tiny else 1e-5,
-        "lr_d": 1e-4 if tiny else 2e-5,
-        "checkpoint_every": 2 if tiny else 500,
-        "sample_every": 4 if tiny else 500,
-        "export_pipeline": tiny,
-    }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    p.set_defaults(**preset_defaults(args.preset))  # the preset's values; flags given still win
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("none" if args.pretrained else "tiny")
     for message in _conflicts(args):
         p.error(message)
     return args

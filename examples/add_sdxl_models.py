@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import add_sdxl_tiny as tiny
+import add_sdxl_random as random_preset
 import addkit
+import tiny_world
 from add_sdxl_args import RecipeError
 
 
@@ -49,19 +50,20 @@ def load_models(args: argparse.Namespace) -> Models:
     """
     from diffusers import DDPMScheduler
 
-    if args.preset == "tiny":
-        parts = tiny.build_parts(args.seed)
+    if args.preset == "random":
+        parts = random_preset.build_parts(args.seed)
         teacher, vae = parts.unet, parts.vae
         encoders = [parts.text_encoder, parts.text_encoder_2]
         tokenizers = [parts.tokenizer, parts.tokenizer_2]
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-        args.resolution = args.resolution or tiny.RESOLUTION
-    else:
+        args.resolution = args.resolution or random_preset.RESOLUTION
+    else:  # a checkpoint: the tiny world's shipped one, or --pretrained
         try:
             teacher, vae, scheduler, encoders, tokenizers = _from_pretrained(args)
         except OSError as err:
             raise RecipeError(f"--pretrained {args.pretrained}: cannot load it ({err})") from err
-        args.resolution = args.resolution or (1024 if len(encoders) == 2 else 512)
+        native = tiny_world.RESOLUTION if args.preset == "tiny" else 1024 if len(encoders) == 2 else 512
+        args.resolution = args.resolution or native
     for module in (teacher, vae, *encoders):
         module.requires_grad_(False).eval()
     student = copy.deepcopy(teacher).train()
@@ -102,7 +104,8 @@ def _from_pretrained(args: argparse.Namespace) -> tuple:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    src = {"pretrained_model_name_or_path": args.pretrained, "revision": args.revision}
+    path = str(tiny_world.WEIGHTS) if args.preset == "tiny" else args.pretrained
+    src = {"pretrained_model_name_or_path": path, "revision": args.revision}
     teacher = UNet2DConditionModel.from_pretrained(**src, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(**src, subfolder="vae")
     scheduler = DDPMScheduler.from_pretrained(**src, subfolder="scheduler")
@@ -227,8 +230,10 @@ def load_image_encoder(args: argparse.Namespace) -> Any:
     """ADD's image conditioning network (DINOv2 ViT-L CLS embedding of the real image), or None."""
     if args.image_encoder == "none" or args.discriminator == "teacher":
         return None
+    if args.preset == "random":
+        return random_preset.image_encoder(args.seed).requires_grad_(False).eval()
     if args.preset == "tiny":
-        return tiny.image_encoder(args.seed).requires_grad_(False).eval()
+        return tiny_world.image_encoder()
     try:  # from_timm fails at once, with what to do, when the weights cannot be had offline
         features = addkit.DINOv2Features.from_timm(args.image_encoder, pretrained=True, num_classes=0)
     except FileNotFoundError as err:
@@ -257,9 +262,12 @@ def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.Proj
         torch.manual_seed(args.seed + 2)
         if args.discriminator == "teacher":
             return addkit.ProjectedDiscriminator(teacher_features(args, models), c_text_dim=pooled_dim)
-        kwargs = {"c_text_dim": pooled_dim, "c_image_dim": c_image_dim, "augment": addkit.DiffAugment()}
+        augment = addkit.DiffAugment() if args.augment else None
+        kwargs = {"c_text_dim": pooled_dim, "c_image_dim": c_image_dim, "augment": augment}
+        if args.preset == "random":
+            return addkit.ProjectedDiscriminator.from_dinov2(**random_preset.dinov2_kwargs(), **kwargs)
         if args.preset == "tiny":
-            return addkit.ProjectedDiscriminator.from_dinov2(**tiny.dinov2_kwargs(), **kwargs)
+            return addkit.ProjectedDiscriminator.from_dinov2(**tiny_world.dinov2_kwargs(), **kwargs)
         try:
             return addkit.ProjectedDiscriminator.from_dinov2(
                 args.dinov2,

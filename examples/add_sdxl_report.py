@@ -29,7 +29,14 @@ SDXL_PROMPTS = (
 
 
 def prompts(args: argparse.Namespace) -> list[str]:
-    return list(args.grid_prompts or (TINY_PROMPTS if args.preset == "tiny" else SDXL_PROMPTS))
+    """The grid's prompts: ``--grid-prompts``, else the preset's (tiny: four held-out captions)."""
+    if args.grid_prompts:
+        return list(args.grid_prompts)
+    if args.preset == "tiny":
+        import tiny_world
+
+        return list(tiny_world.HELD_OUT_CAPTIONS[::6])
+    return list(TINY_PROMPTS if args.preset == "random" else SDXL_PROMPTS)
 
 
 @contextlib.contextmanager
@@ -193,6 +200,7 @@ class RunSummary:
     logs: Path
     student: nn.Module | None  # the trained student (main process), for tests and notebooks
     discriminator: nn.Module
+    scores: dict | None = None  # --preset tiny: the held-out scores (report.json)
 
     def text(self, args: argparse.Namespace) -> str:
         """The closing summary printed on stdout."""
@@ -214,5 +222,13 @@ class RunSummary:
                 f"python examples/sample_sdxl.py {shlex.quote(str(model))} {shlex.quote(prompts(args)[0])}"
                 f"{base} --steps {len(timesteps)}{custom} --out sample.png"
             )
+        if self.scores is not None:
+            import add_sdxl_tiny
+
+            out = Path(args.output_dir)
+            rows["report"] = (
+                f"{out / 'report.json'}  (teacher and student side by side: {out / 'comparison.png'})"
+            )
+            lines += [add_sdxl_tiny.table(self.scores)]
         lines += [f"  {key:<10}  {value}" for key, value in rows.items()]
         return "\n".join(lines)

@@ -1,93 +1,75 @@
-"""The ``--preset tiny`` parts of ``add_sdxl.py``: SDXL-architecture models with random weights.
+"""The ``--preset tiny`` parts of ``add_sdxl.py``: the tiny world's data and the closing evaluation.
 
-The models come from ``addkit.testing``, built offline from small configs (nothing is
-downloaded): a two-block SDXL UNet (``addition_embed_type="text_time"``), a two-block VAE, the
-two CLIP text encoders SDXL uses (the second with a projection for the pooled embedding) with
-character-level CLIP tokenizers, and a DINOv2-architecture ViT with random weights for the
-image conditioning and the discriminator. This file holds the preset's sizes and seeds, and
-draws the image-caption folder (coloured shapes on coloured backgrounds). The tiny run checks
-the plumbing, not image quality.
+The preset distils the tiny world's shipped teacher (``examples/tiny_world/weights``, an
+SDXL-architecture UNet, VAE and two CLIP text encoders trained on 32×32 coloured shapes) through
+the same code as an SDXL run: the checkpoint is read with ``from_pretrained``, the data is a folder
+of image + caption files, the discriminator is ``ProjectedDiscriminator.from_dinov2`` on the
+world's trained ViT. What this file adds is what only the tiny world can have: a data folder
+drawn on the fly, and a score of the result on held-out captions (``report.json``,
+``comparison.png``) by the world's evaluation classifier. See ``docs/tiny_world.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 
-from addkit.testing import tiny_dinov2, tiny_dinov2_kwargs, tiny_sdxl_components
+import tiny_world
 
-RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 16 x 16
-MAX_TOKENS = 77  # as CLIP: captions and the README prompts (character tokens) fit untruncated
-
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle")
+DATASET_SIZE = 4096  # training images drawn into the data folder (a 300-step run reads 4800)
+PER_CAPTION = 16  # samples per held-out caption in the evaluation (24 captions)
 
 
-@dataclass
-class TinyParts:
-    """The components ``StableDiffusionXLPipeline`` needs, with random weights."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    text_encoder_2: torch.nn.Module
-    tokenizer: object
-    tokenizer_2: object
+def make_dataset(folder: Path, seed: int) -> Path:
+    """The training captions' images as ``k.png`` + ``k.txt`` (held-out captions never appear)."""
+    return tiny_world.make_dataset(folder, DATASET_SIZE, seed=seed)
 
 
-def build_parts(seed: int) -> TinyParts:
-    """The tiny SDXL components (text width 16, pooled width 16), with weights drawn from ``seed``."""
-    return TinyParts(
-        **tiny_sdxl_components(sample_size=RESOLUTION // 2, model_max_length=MAX_TOKENS, seed=seed)
-    )
+def evaluate(models: Any, student_unet: torch.nn.Module, output_dir: Path, *, seed: int = 0) -> dict:
+    """Score teacher (1, 4, 25 steps) and student (1, 4 steps) on the held-out captions.
 
+    Writes ``report.json`` (``{"teacher": {"1", "4", "25"}, "student": {"1", "4"}, "real": ...}``,
+    each with ``prompt_accuracy``, ``fd`` and ``diversity``) and ``comparison.png`` (one row per
+    caption; columns teacher 1 / 4 / 25 steps, student 1 / 4 steps, the same noise in a row).
+    The frozen teacher's scores come from ``teacher_scores.json`` beside the shipped weights
+    when it was made with the same weights and settings (``python -m tiny_world.train scores``),
+    else they are computed here.
 
-def dinov2_kwargs() -> dict[str, Any]:
-    """Arguments of ``ProjectedDiscriminator.from_dinov2`` for a 4-block, width-32 DINOv2 ViT."""
-    return tiny_dinov2_kwargs()
+    Args:
+        models: the recipe's ``Models`` (teacher, VAE, text encoders, tokenizers).
+        student_unet: the student as a plain diffusers UNet (the EMA weights when EMA is on).
+        output_dir: where the two files go.
+        seed: seed of the evaluation's noise and real images.
 
-
-def image_encoder(seed: int) -> torch.nn.Module:
-    """A tiny DINOv2-architecture ViT standing in for ADD's ViT-L image embedding (random weights)."""
-    return tiny_dinov2(seed=seed + 1)
-
-
-def make_dataset(folder: Path, n: int = 32, *, seed: int = 0) -> Path:
-    """Draw ``n`` coloured-shape images with captions into ``folder`` (``k.png`` + ``k.txt``).
-
-    Existing complete folders are reused. Returns ``folder``.
+    Returns:
+        The report's metrics.
     """
-    folder = Path(folder)
-    if folder.is_dir() and len(list(folder.glob("*.png"))) >= n:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    names = list(COLOURS)
-    for k in range(n):
-        fg, bg = (names[int(i)] for i in torch.randperm(len(names), generator=g)[:2])
-        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
-        size = int(torch.randint(10, 24, (1,), generator=g))
-        x0, y0 = (int(v) for v in torch.randint(0, RESOLUTION * 2 - size * 2, (2,), generator=g))
-        image = Image.new("RGB", (RESOLUTION * 2, RESOLUTION * 2), COLOURS[bg])
-        draw = ImageDraw.Draw(image)
-        box = (x0, y0, x0 + size * 2, y0 + size * 2)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[fg])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[fg])
-        else:
-            draw.polygon([(x0 + size, y0), (box[2], box[3]), (x0, box[3])], fill=COLOURS[fg])
-        image.save(folder / f"{k:04d}.png")
-        (folder / f"{k:04d}.txt").write_text(f"a {fg} {shape} on a {bg} background\n")
-    return folder
+    for module in (models.teacher, models.vae, *models.text_encoders, student_unet):
+        if module.dtype != torch.float32 or module.device.type != "cpu":  # the run is over: score on the CPU
+            module.to("cpu", torch.float32)
+    parts = tiny_world.TinyParts(
+        unet=models.teacher, vae=models.vae, text_encoder=models.text_encoders[0],
+        text_encoder_2=models.text_encoders[1], tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1],
+    )  # fmt: skip
+    evaluator = tiny_world.Evaluator(parts, tiny_world.load_classifier(), per_caption=PER_CAPTION, seed=seed)
+    stored = tiny_world.stored_teacher_scores(evaluator)  # the shipped teacher's, scored once
+    result = tiny_world.report(models.teacher, student_unet, evaluator, teacher=stored)
+    metrics = result["metrics"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tiny_world.save_grid(result["images"], output_dir / "comparison.png")
+    return metrics
+
+
+def table(metrics: dict) -> str:
+    """The report as the lines printed at the end of a run."""
+    lines = [f"  {'held-out captions':<20} {'prompt_accuracy':>16} {'fd':>8} {'diversity':>10}"]
+    rows = [(f"teacher {n} step{'s' * (n != '1')}", metrics["teacher"][n]) for n in ("1", "4", "25")]
+    rows += [(f"student {n} step{'s' * (n != '1')}", metrics["student"][n]) for n in ("1", "4")]
+    rows.append(("real images", metrics["real"]))
+    for name, m in rows:
+        lines.append(f"  {name:<20} {m['prompt_accuracy']:>16.3f} {m['fd']:>8.2f} {m['diversity']:>10.2f}")
+    return "\n".join(lines)

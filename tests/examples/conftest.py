@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-FAST = ["--preset", "tiny", "--grid-seeds", "0", "--diversity-seeds", "2"]
+FAST = ["--preset", "random", "--grid-seeds", "0", "--diversity-seeds", "2"]
 EMA = ["--ema-decay", "0.9"]
 RUNS = {
     # 4 steps, checkpoints at 2 and 4, grid and diversity at 4, export (EMA weights)

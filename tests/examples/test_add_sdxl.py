@@ -23,7 +23,7 @@ import add_sdxl  # examples/ is on pytest's pythonpath
 import add_sdxl_data
 import sample_sdxl
 
-FAST = ["--preset", "tiny", "--grid-seeds", "0", "--diversity-seeds", "2"]  # as conftest.recipe_run
+FAST = ["--preset", "random", "--grid-seeds", "0", "--diversity-seeds", "2"]  # as conftest.recipe_run
 EMA = ("--ema-decay", "0.9")
 HALF = ("--max-steps", "2", "--checkpoint-every", "1", "--sample-every", "0", *EMA)  # as conftest.RUNS
 README_PROMPT = "a red circle on a blue background"

@@ -65,7 +65,7 @@ BAD = [
     (["--fsdp", "--mixed-precision", "fp16"], "--fsdp does not support --mixed-precision fp16"),
     (["--debug-nonfinite-at", "x"], "--debug-nonfinite-at: expected STEP or STEP:RANK"),
     (["--debug-nonfinite-at", "9"], "--debug-nonfinite-at: steps must lie in 1..4"),
-    (["--pretrained", "x", "--preset", "tiny"], "--preset tiny builds its own models"),
+    (["--pretrained", "x", "--preset", "random"], "--preset random brings its own models"),
     (["--preset", "none"], "--preset none needs --pretrained"),
     (["--pretrained", "org/model"], "--data is required with --pretrained"),
 ]

@@ -22,7 +22,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("timm")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-import add_sdxl_tiny
+import add_sdxl_random
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def launch(out: Path, *argv: str) -> subprocess.CompletedProcess:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(port), str(ROOT / "examples" / "add_sdxl.py"),
-        "--preset", "tiny", "--grid-seeds", "0", "--diversity-seeds", "2", "--output-dir", str(out), *argv,
+        "--preset", "random", "--grid-seeds", "0", "--diversity-seeds", "2", "--output-dir", str(out), *argv,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def test_two_processes_skip_a_nan_that_only_one_of_them_sees(tmp_path):
     assert progress(first) == {"step": 1, "samples": 4, "nonfinite_total": 1, "nonfinite_in_row": 1}
     # had rank 1 stepped on its NaN gradients, its NaN weights would have made step 2 non-finite too
     assert progress(second) == {"step": 2, "samples": 8, "nonfinite_total": 1, "nonfinite_in_row": 0}
-    initial = add_sdxl_tiny.build_parts(0).unet.state_dict()
+    initial = add_sdxl_random.build_parts(0).unet.state_dict()
     after_1, after_2 = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert all(torch.equal(after_1[k], initial[k]) for k in initial)  # rank 0 skipped too
     assert all(torch.isfinite(v).all() for v in after_2.values())

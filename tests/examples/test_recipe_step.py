@@ -26,7 +26,7 @@ from addkit.testing import count_host_reads
 
 
 def fresh_state(out: Path, scaler: torch.amp.GradScaler | None = None, *extra: str) -> RunState:
-    argv = ["--preset", "tiny", "--output-dir", str(out), "--sample-every", "0", "--log-every", "0", *extra]
+    argv = ["--preset", "random", "--output-dir", str(out), "--sample-every", "0", "--log-every", "0", *extra]
     args = parse_args(argv)
     check_paths(args)
     accelerator = add_sdxl.make_accelerator(args)
@@ -123,7 +123,7 @@ def test_vae_with_force_upcast_stays_float32_under_fp16(tmp_path):
     """The SDXL VAE overflows in float16: like the diffusers pipelines, keep it in float32."""
     from add_sdxl_models import load_models, place_models, vae_decode, vae_encode
 
-    args = parse_args(["--preset", "tiny", "--output-dir", str(tmp_path)])
+    args = parse_args(["--preset", "random", "--output-dir", str(tmp_path)])
     models = load_models(args)
     assert models.vae.config.force_upcast
     place_models(models, torch.device("cpu"), torch.float16)

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
-from toy.dmd import DMDConfig, distill_dmd, dmd_runs  # noqa: E402
-from toy.nets import make_unet  # noqa: E402
+from toy.dmd import DMDConfig, distill_dmd, dmd_runs
+from toy.nets import make_unet
 
 
 @pytest.mark.parametrize("gan", [True, False], ids=["gan", "no_gan"])

@@ -1,0 +1,23 @@
+"""The tiny world's ADD settings: what ``add_sdxl.py --preset tiny`` uses for the flags left unset.
+
+Measured on the shipped teacher with the recipe itself (numbers in ``docs/tiny_world.md``).
+"""
+
+from __future__ import annotations
+
+DEFAULTS: dict[str, object] = {
+    "max_steps": 300,
+    "batch_size": 16,
+    "lr": 1e-4,
+    "lr_d": 1e-3,
+    "adam_betas_d": [0.0, 0.99],
+    "weight_decay": 1e-2,
+    "max_grad_norm": 1.0,
+    "lambda_distill": 2.5,
+    "weighting": "exponential",
+    "distill_space": "pixel",
+    "r1_gamma": 1e-5,
+    "ema_decay": 0.99,
+    "augment": False,  # DiffAugment off: at 32 pixels a translation moves too much of the shape
+}
+"""The preset, by ``add_sdxl.py`` argument name."""
