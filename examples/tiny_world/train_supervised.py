@@ -58,10 +58,20 @@ def _supervised(net: nn.Module, heads: nn.Module, forward, steps: int, seed: int
     return time.time() - start
 
 
-def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2, lr: float = 1e-3,
-                        batch_size: int = 64, phase1: nn.Module | None = None, log=print) -> tuple[nn.Module, dict]:  # fmt: skip
-    """The ViT with linear heads on its class token: attributes and the shape's centre.
+def _patches(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Non-overlapping ``size × size`` patches ``[B, N, 3 size²]``, row-major as the ViT's tokens."""
+    return F.unfold(images, size, stride=size).transpose(1, 2)
 
+
+def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2, lr: float = 1e-3,
+                        batch_size: int = 64, recon_weight: float = 1.0, phase1: nn.Module | None = None,
+                        log=print) -> tuple[nn.Module, dict]:  # fmt: skip
+    """The ViT with linear heads on its class token (attributes, the shape's centre) and a linear
+    decoder on its patch tokens (each token's own pixels).
+
+    The decoder keeps the patch tokens local, as DINOv2's masked-token objective does: a
+    discriminator reading the tokens then sees how a patch looks, not only what the image shows
+    (attributes alone leave blotchy and clean images of one caption with the same tokens).
     Phase 1: ``steps`` at ``lr``; phase 2: fresh heads (seed + 100), ``finetune_steps`` at ``lr / 2``.
     ``phase1``: the ViT after phase 1 (skips it).
     """
@@ -69,7 +79,8 @@ def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2
     vit.train().requires_grad_(True)
     mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    info: dict = {"steps": [steps, finetune_steps], "seed": seed, "seconds": []}
+    patch = M.VIT_KWARGS["patch_size"]
+    info: dict = {"steps": [steps, finetune_steps], "seed": seed, "recon_weight": recon_weight, "seconds": []}
     for phase, (n, phase_seed, phase_lr) in enumerate(
         ((steps, seed, lr), (finetune_steps, seed + 100, lr / 2))
     ):
@@ -80,20 +91,31 @@ def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2
             heads = nn.ModuleDict(
                 {k: nn.Linear(vit.num_features, c) for k, c in {**M.HEADS, "centre": 2}.items()}
             )
+            heads["pixels"] = nn.Linear(vit.num_features, 3 * patch * patch)
 
         def predict(images: torch.Tensor, heads: nn.Module = heads) -> dict[str, torch.Tensor]:
-            cls = vit(((images + 1) / 2 - mean) / std)
-            return {k: h(cls) for k, h in heads.items()}
+            tokens = vit.forward_features(((images + 1) / 2 - mean) / std)
+            cls = vit.forward_head(tokens, pre_logits=True)
+            out = {k: h(cls) for k, h in heads.items() if k != "pixels"}
+            out["pixels"] = heads["pixels"](tokens[:, vit.num_prefix_tokens :])
+            return out
 
         def forward(batch: Batch, predict=predict) -> torch.Tensor:
             out = predict(batch.images)
-            return _attribute_loss(out, batch) + 10 * F.mse_loss(out["centre"], batch.centre)
+            recon = F.mse_loss(out["pixels"], _patches(batch.images, patch))
+            return (
+                _attribute_loss(out, batch)
+                + 10 * F.mse_loss(out["centre"], batch.centre)
+                + recon_weight * recon
+            )
 
         info["seconds"].append(_supervised(vit, heads, forward, n, phase_seed, phase_lr, batch_size, TRAIN,
                                            f"image_encoder[{phase + 1}]", log))  # fmt: skip
     vit.eval().requires_grad_(False)
     with torch.no_grad():
         info["accuracy"] = attribute_accuracy(predict)
+        batch = render(list(TRAIN[:: max(1, len(TRAIN) // 256)]), torch.Generator().manual_seed(seed + 7))
+        info["patch_mse"] = float(F.mse_loss(predict(batch.images)["pixels"], _patches(batch.images, patch)))
     return vit, info
 
 
