@@ -7,6 +7,7 @@ and its optimiser go through a checkpoint; a LoRA fake score shares the teacher'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ pytest.importorskip("peft")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
 import add_sdxl_dmd as dmd
-from add_sdxl_args import check_paths, parse_args
-from add_sdxl_checkpoint import load_checkpoint, save_checkpoint
+from add_sdxl_args import RecipeError, check_paths, parse_args
+from add_sdxl_checkpoint import MANIFEST, check_compatible, layout, load_checkpoint, save_checkpoint
 from add_sdxl_step import RunState
 from addkit.testing import count_host_reads
 
@@ -106,6 +107,18 @@ def test_checkpoint_round_trip_restores_the_fake_score_and_its_optimiser(stepped
     assert adam_steps(resumed.fake.optimizer) == {4.0}
     assert resumed.progress.step == 2
     assert not changed(snapshot(state.discriminator), snapshot(resumed.discriminator))
+
+
+@pytest.mark.parametrize("saved_fake", [True, False])
+def test_resuming_across_methods_is_refused_and_older_layouts_read_as_add(saved_fake, tmp_path):
+    saved = layout(processes=1, fsdp=False, ema=False, lora=False, scaler=False, fake_score=saved_fake)
+    (tmp_path / MANIFEST).write_text(json.dumps({"layout": saved}))
+    now = {**saved, "fake_score": not saved_fake}
+    with pytest.raises(RecipeError, match="written (with|without) --method dmd2"):
+        check_compatible(tmp_path, now, say=lambda _: None)
+    del saved["fake_score"]  # a checkpoint written before --method existed: an ADD one
+    (tmp_path / MANIFEST).write_text(json.dumps({"layout": saved}))
+    check_compatible(tmp_path, {**saved, "fake_score": False}, say=lambda _: None)
 
 
 def test_a_non_finite_step_leaves_every_weight_untouched(tmp_path):
