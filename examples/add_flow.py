@@ -18,6 +18,10 @@ distillation loss is optional (``--lambda-distill``; LADD trains adversarially o
 real images (``--data-source real``) or latents the teacher draws for each batch of captions
 (``--data-source teacher``, LADD's synthetic data).
 
+``--method dmd2`` trains with ``DMDObjective`` instead (``add_flow_dmd.py``, the step of
+``add_sdxl_dmd.py``): a fake score copied from the teacher, ``--fake-steps`` updates of it per
+generator update, a GAN head on its last block (the only reader of real images).
+
 References:
     Sauer et al., *Adversarial Diffusion Distillation*, arXiv 2311.17042 (ADD).
     Sauer et al., *Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
@@ -39,8 +43,10 @@ import torch
 from torch import nn
 
 import add_flow_data as data
+import add_flow_dmd as flow_dmd
 import add_flow_models as fm
 import add_flow_report as report
+import add_sdxl_dmd as dmd
 import add_sdxl_tiny
 import addkit
 from add_flow_args import parse_args
@@ -86,6 +92,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     batches: Any = None
     fsdp: bool = False
+    fake: Any = None  # --method dmd2: add_sdxl_dmd.FakeScore (objective: addkit.DMDObjective)
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -134,15 +141,23 @@ def setup(args: argparse.Namespace) -> Run:
     if args.lora_rank or weight_dtype != torch.float32:  # trained weights in float32 (autocast computes)
         cast_training_params(models.student, dtype=torch.float32)
     teacher = addkit.wrap(models.teacher, models.schedule, "flow")
-    disc = fm.build_discriminator(args, models, teacher).to(device)
+    fake = flow_dmd.build(args, models, device) if args.method == "dmd2" else None
+    if fake is not None:
+        disc = flow_dmd.gan_head(args, models, fake).to(device)
+    else:
+        disc = fm.build_discriminator(args, models, teacher).to(device)
     set_seed(args.seed, device_specific=True)  # training randomness differs per process
     trainable = [p for p in models.student.parameters() if p.requires_grad]
     student = accelerator.prepare(models.student)
     if args.lora_rank:
         _checkpoint_lora_only(accelerator)
     opt_g = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    opt_d = torch.optim.AdamW(
-        disc.parameters(), lr=args.lr_d, betas=tuple(args.adam_betas_d), weight_decay=0.0
+    opt_d = torch.optim.AdamW(  # DMD2's step gates its updates on the device: fused AdamW's found_inf
+        disc.parameters(),
+        lr=args.lr_d,
+        betas=tuple(args.adam_betas_d),
+        weight_decay=0.0,
+        fused=fake is not None,
     )
     warmup = max(1, args.warmup_steps)
     sched_g, sched_d = (
@@ -156,7 +171,7 @@ def setup(args: argparse.Namespace) -> Run:
         denoiser=addkit.wrap(student, models.schedule, "flow"),
         teacher=teacher,
         discriminator=disc,
-        objective=_objective(args, models, teacher, disc),
+        objective=_objective(args, models, teacher, disc, fake),
         prompts=fm.PromptEncoder(models.pipe, models.guidance, device, args.max_sequence_length),
         opt_g=opt_g,
         opt_d=opt_d,
@@ -164,6 +179,7 @@ def setup(args: argparse.Namespace) -> Run:
         sched_d=sched_d,
         ema=_ema(args.ema_decay, trainable),
         output_dir=output_dir,
+        fake=fake,
     )
     if resume is not None:
         load_checkpoint(run, resume, say)
@@ -172,7 +188,10 @@ def setup(args: argparse.Namespace) -> Run:
     return run
 
 
-def _objective(args: argparse.Namespace, models: fm.FlowModels, teacher: Any, disc: Any) -> ADDObjective:
+def _objective(args: argparse.Namespace, models: fm.FlowModels, teacher: Any, disc: Any, fake: Any) -> Any:
+    if fake is not None:  # --method dmd2
+        timesteps = models.schedule.timesteps(args.student_steps)
+        return dmd.build_objective(args, fake, models.schedule, "flow", disc, timesteps)
     no_r1 = args.r1_placement == "none"
     return ADDObjective(
         teacher,
@@ -264,8 +283,7 @@ def teacher_latents(
 
 def _uncond(run: Run, cond: dict[str, Any]) -> dict[str, Any]:
     """The empty caption's conditioning (SD3's negative prompt), same batch."""
-    empty, _ = run.prompts([""] * cond["encoder_hidden_states"].shape[0])
-    return {**cond, **{k: v for k, v in empty.items() if k != "guidance"}}
+    return fm.unconditional(run.prompts, cond)
 
 
 def micro_step(
@@ -383,6 +401,22 @@ def train_step(run: Run, step: int) -> StepResult:
     return StepResult(skipped=skipped, logs=out)
 
 
+def dmd_step(run: Run) -> StepResult:
+    """One DMD2 optimiser step (``add_sdxl_dmd.train_step``), its logs as floats."""
+    started = time.perf_counter()
+    batches = [next(run.batches) for _ in range(dmd.micro_batches_per_step(run.args))]
+    result = dmd.train_step(run, batches, flow_dmd.inputs)
+    logs = {k: float(v) for k, v in result.logs.items()}
+    logs.update({
+        "lr/student": run.sched_g.get_last_lr()[0],
+        "lr/fake_score": run.fake.scheduler.get_last_lr()[0],
+        "nonfinite/total": run.progress.nonfinite_total,
+        "images_per_second": len(batches) * run.args.batch_size * run.accelerator.num_processes
+        / (time.perf_counter() - started),
+    })  # fmt: skip
+    return StepResult(skipped=result.skipped, logs=logs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +433,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     last_checkpoint = None
     while progress.step < args.max_steps:
         step = progress.step + 1
-        result = train_step(run, step)
+        result = dmd_step(run) if run.fake is not None else train_step(run, step)
         if step % args.log_every == 0:
             acc.log(result.logs, step=step)
         bar.update(1)

@@ -62,6 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--image-column", default=None)
     a("--caption-column", default=None)
     a("--num-workers", type=int, default=0)
+    a(
+        "--method",
+        choices=("add", "dmd2"),
+        default="add",
+        help="add: ADD / LADD; dmd2: DMD2 (a fake score copied from the teacher; real images feed only its GAN head)",
+    )
+    a("--fake-steps", type=int, default=5, help="dmd2: fake-score updates per generator update (DMD2: 5)")
+    a("--lr-fake", type=float, default=None, help="dmd2: fake-score learning rate (default --lr)")
+    a("--gan-weight", type=float, default=3e-3, help="dmd2: GAN head's generator weight (0 = no head)")
+    a("--gan-d-weight", type=float, default=1e-2, help="dmd2: GAN head's discriminator weight")
     # student
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (one copy of the weights)")
     a("--lora-targets", nargs="+", default=list(fm.LORA_TARGETS))
@@ -176,6 +186,18 @@ def _defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.
             setattr(args, key, value)
     if args.discriminator == "teacher" and args.distill_space == "pixel":
         p.error("--discriminator teacher works on latents: use --distill-space latent")
+    if args.method == "dmd2":
+        for flag, on in (
+            ("--lora-rank", args.lora_rank > 0),
+            ("--data-source teacher", args.data_source == "teacher"),
+            ("--discriminator dinov2", args.discriminator == "dinov2"),
+        ):
+            if on:
+                p.error(
+                    f"--method dmd2 does not support {flag} (a full fake score; its GAN head reads real latents)"
+                )
+        if args.fake_steps < 1:
+            p.error(f"--fake-steps must be >= 1, got {args.fake_steps}")
     if args.synth_guidance_scale != 1.0 and args.model == "flux":
         p.error("--synth-guidance-scale: Flux teachers are guidance-distilled; set --guidance instead")
     return args

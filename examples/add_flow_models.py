@@ -158,6 +158,12 @@ class PromptEncoder:
         return cond, pooled.float()
 
 
+def unconditional(prompts: PromptEncoder, cond: dict[str, Any]) -> dict[str, Any]:
+    """The empty caption's conditioning (SD3's negative prompt), same batch (Flux keeps its guidance)."""
+    empty, _ = prompts([""] * cond["encoder_hidden_states"].shape[0])
+    return {**cond, **{k: v for k, v in empty.items() if k != "guidance"}}
+
+
 def family(pipe: Any) -> str:
     """``"sd3"`` or ``"flux"`` from the pipeline's transformer."""
     name = type(pipe.transformer).__name__

@@ -5,13 +5,14 @@ SDXL-architecture teacher distilled on a CPU in minutes, then scored) or ``accel
 --data DIR ...``. See ``examples/README.md`` and ``docs/recipe.md``.
 
 The loop lives here, the maths in addkit: ``ADDObjective`` builds the student inputs and both
-losses. `setup` turns the command line into a `RunState` (models, data, optimisers,
+losses (``--method dmd2``: ``DMDObjective``, see ``docs/dmd.md``). `setup` turns the command line into a `RunState` (models, data, optimisers,
 distribution, resume); `train` runs `add_sdxl_step.train_step` until ``--max-steps`` and
 samples, checkpoints and logs on the way. The parts live beside this file:
 
 - ``add_sdxl_args.py``: flags, their checks, and the paths checked before anything is built;
 - ``add_sdxl_models.py``: teacher, student, VAE (a float32 island when it asks), text, discriminator;
 - ``add_sdxl_step.py``: the run state and one optimiser step (one host read, skip on non-finite);
+- ``add_sdxl_dmd.py``: ``--method dmd2`` (the fake score, its optimiser, the GAN head, one DMD2 step);
 - ``add_sdxl_checkpoint.py``: complete-or-absent checkpoints, verified on save and load;
 - ``add_sdxl_fsdp.py``: ``--fsdp`` (FSDP2 ``fully_shard``, driven here);
 - ``add_sdxl_report.py``: grids, diversity, export, the closing summary;
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 import add_sdxl_data as data
+import add_sdxl_dmd as dmd
 import add_sdxl_fsdp as fsdp
 import add_sdxl_random as random_preset
 import add_sdxl_tiny as tiny
@@ -120,7 +122,8 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.resume, output_dir, say) if args.resume else None
     if resume is not None:
-        now = {"fsdp": args.fsdp, "ema": bool(args.ema_decay), "lora": bool(args.lora_rank)}
+        now = {"fsdp": args.fsdp, "ema": bool(args.ema_decay), "lora": bool(args.lora_rank),
+               "fake_score": args.method == "dmd2"}  # fmt: skip
         check_compatible(
             resume, layout(processes=acc.num_processes, scaler=acc.scaler is not None, **now), say
         )
@@ -132,8 +135,18 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
         args.data, split=args.split, image_column=args.image_column, caption_column=args.caption_column
     )
     models = load_models(args)  # seeded: identical on every process; sets the default resolution
+    fake = None
+    if args.method == "dmd2":  # before placing: a LoRA fake score lives on the teacher
+        fake = dmd.build_fake_score(models.teacher, lora_rank=args.lora_rank, seed=args.seed)
     place_models(models, acc.device, DTYPES[args.mixed_precision])
-    disc = build_discriminator(args, models).to(acc.device)
+    if fake is not None:
+        dmd.place_fake_score(fake, acc.device)
+        dmd.attach_optimiser(
+            fake, lr=args.lr_fake or args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps
+        )
+    disc = (dmd.sdxl_gan_head(args, models, fake) if fake else build_discriminator(args, models)).to(
+        acc.device
+    )
     set_seed(args.seed, device_specific=True)  # training randomness differs per process
     if args.fsdp:
         student = fsdp.shard(models.student, acc.device, acc.num_processes)
@@ -144,9 +157,9 @@ def setup(args: argparse.Namespace, accelerator: Any = None) -> RunState:
     state = RunState(
         args=args, accelerator=acc, models=models, student=student,
         denoiser=addkit.wrap(student, models.schedule, models.prediction), discriminator=disc,
-        objective=_objective(args, models, disc), text=TextEncoder(models, acc.device),
+        objective=_objective(args, models, disc, fake), text=TextEncoder(models, acc.device),
         opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, scaling=LossScaling(acc.scaler),
-        ema=_ema(args.ema_decay, trainable),
+        ema=_ema(args.ema_decay, trainable), fake=fake,
     )  # fmt: skip
     if resume is not None:
         load_checkpoint(state, resume, say=lambda _: None)  # checked and said above
@@ -190,10 +203,14 @@ def _ema(decay: float, trainable: list[nn.Parameter]) -> Any:
     return ema
 
 
-def _objective(args: argparse.Namespace, models: Any, disc: Any) -> addkit.ADDObjective:
-    """ADD's losses; options the command line leaves unset take the library's defaults."""
+def _objective(args: argparse.Namespace, models: Any, disc: Any, fake: Any) -> Any:
+    """ADD's losses (or DMD2's with a fake score); options left unset take the library's defaults."""
     no_r1 = args.r1_placement == "none"
     try:
+        if fake is not None:
+            return dmd.build_objective(
+                args, fake, models.schedule, models.prediction, disc, args.student_timesteps
+            )
         return addkit.ADDObjective(
             addkit.wrap(models.teacher, models.schedule, models.prediction), disc, models.schedule,
             lambda_distill=args.lambda_distill, weighting=args.weighting, space=args.distill_space,
@@ -216,13 +233,15 @@ def train(args: argparse.Namespace) -> RunSummary:
     acc.init_trackers(
         "add_sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))}
     )
-    bar = tqdm(total=args.max_steps, initial=progress.step, disable=not acc.is_main_process, desc="ADD")
+    bar = tqdm(
+        total=args.max_steps, initial=progress.step, disable=not acc.is_main_process, desc=args.method.upper()
+    )
     last_checkpoint = state.resumed_from
     grid = None
     try:
         while progress.step < args.max_steps:
             step_started = time.perf_counter()
-            result = train_step(state, [next(state.data) for _ in range(args.gradient_accumulation)])
+            result = _train_step(state, [next(state.data) for _ in range(dmd.micro_batches_per_step(args))])
             bar.update(1)
             if _due(result.step, args.log_every, None):
                 _log(state, result, bar, time.perf_counter() - step_started)
@@ -245,7 +264,8 @@ def train(args: argparse.Namespace) -> RunSummary:
             if unet is not None and args.preset == "tiny":
                 bar.close()
                 print("add_sdxl: scoring teacher and student on the tiny world's held-out captions ...")
-                scores = tiny.evaluate(state.models, unet, output_dir, seed=args.seed)
+                with dmd.teacher_alone(state.fake):
+                    scores = tiny.evaluate(state.models, unet, output_dir, seed=args.seed)
             student = unet if args.fsdp else (acc.unwrap_model(state.student) if unet is not None else None)
         acc.wait_for_everyone()
     finally:
@@ -261,6 +281,13 @@ def train(args: argparse.Namespace) -> RunSummary:
     return summary
 
 
+def _train_step(state: RunState, batches: list) -> StepResult:
+    """ADD's step, or DMD2's (``--fake-steps`` fake-score updates, then the generator)."""
+    if state.fake is not None:
+        return dmd.train_step(state, batches, dmd.sdxl_inputs)
+    return train_step(state, batches)
+
+
 def _due(step: int, every: int, last: int | None) -> bool:
     """Every ``every`` steps and at step ``last``; never when ``every`` is 0."""
     return every > 0 and (step % every == 0 or step == last)
@@ -274,12 +301,17 @@ def _log(state: RunState, result: StepResult, bar: Any, seconds: float) -> None:
     scalars.update({
         "lr/student": state.sched_g.get_last_lr()[0],
         "lr/discriminator": state.sched_d.get_last_lr()[0],
+        **({"lr/fake_score": state.fake.scheduler.get_last_lr()[0]} if state.fake is not None else {}),
         "nonfinite/total": state.progress.nonfinite_total,
         "images_per_second": state.args.batch_size * state.accelerator.num_processes
         * state.args.gradient_accumulation / seconds,
     })  # fmt: skip
     state.accelerator.log(scalars, step=result.step)
-    shown = {k.split("/")[-1]: f"{scalars[k]:.3g}" for k in ("g/adv", "g/distill", "d/total") if k in scalars}
+    shown = {
+        k.split("/")[-1]: f"{scalars[k]:.3g}"
+        for k in ("g/adv", "g/distill", "d/total", "g/dm", "f/denoise")
+        if k in scalars
+    }
     bar.set_postfix(shown, refresh=False)
 
 

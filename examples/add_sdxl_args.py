@@ -99,6 +99,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny and random)")
     g.add_argument("--num-workers", type=count(0), default=0)
 
+    g.add_argument("--method", choices=METHODS, default="add",
+                   help="add: ADD (ADDObjective, a DINOv2 or teacher-feature discriminator); dmd2: DMD2 "
+                        "(DMDObjective: a fake score initialised from the teacher; real images feed only its GAN head)")
+
     g = p.add_argument_group("student and precision")
     g.add_argument("--lora-rank", type=count(0, "0 = train the full student"), default=0,
                    help="train a LoRA of this rank instead of the full student")
@@ -124,6 +128,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--r1-interval", type=count(1), default=1)
     g.add_argument("--student-timesteps", type=count(0), nargs="+", default=None,
                    help="default: the schedule's 4 trailing timesteps (999 749 499 249)")
+
+    g = p.add_argument_group("DMD2 (--method dmd2: addkit.DMDObjective, see docs/dmd.md)")
+    g.add_argument("--fake-steps", type=count(1), default=5,
+                   help="fake-score updates per generator update (DMD2's two time-scale rule: 5)")
+    g.add_argument("--lr-fake", type=number(0, open_low=True), default=None,
+                   help="fake-score learning rate (default: --lr)")
+    g.add_argument("--gan-weight", type=number(0), default=3e-3,
+                   help="GAN head's generator weight (0 = no head: no real images are read at all)")
+    g.add_argument("--gan-d-weight", type=number(0), default=1e-2,
+                   help="GAN head's discriminator weight in the fake-score loss")
 
     g = p.add_argument_group("discriminator")
     g.add_argument("--discriminator", choices=("dinov2", "teacher"), default="dinov2",
@@ -176,6 +190,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 PRESETS = ("tiny", "random", "none")
+METHODS = ("add", "dmd2")
+ADD_ONLY = ("lambda_distill", "weighting", "distill_space", "adversarial_loss", "r1_placement", "r1_gamma",
+            "r1_interval", "discriminator", "teacher_taps", "augment")  # fmt: skip
+DMD2_ONLY = ("fake_steps", "lr_fake", "gan_weight", "gan_d_weight")
 
 
 def preset_defaults(preset: str) -> dict[str, Any]:
@@ -223,9 +241,24 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
     p.set_defaults(**preset_defaults(args.preset))  # the preset's values; flags given still win
     args = p.parse_args(argv)
     args.preset = args.preset or ("none" if args.pretrained else "tiny")
-    for message in _conflicts(args):
+    for message in [*_method_conflicts(args, p), *_conflicts(args)]:
         p.error(message)
     return args
+
+
+def _method_conflicts(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[str]:
+    """The other method's flags given a value, and what DMD2 does not support."""
+    owner, theirs = ("add", ADD_ONLY) if args.method == "dmd2" else ("dmd2", DMD2_ONLY)
+    out = [
+        f"--{dest.replace('_', '-')} is --method {owner}'s: drop it with --method {args.method}"
+        for dest in theirs
+        if getattr(args, dest) != p.get_default(dest)
+    ]
+    if args.method == "dmd2":
+        for name, on in (("--fsdp", args.fsdp), ("--mixed-precision fp16", args.mixed_precision == "fp16")):
+            if on:
+                out.append(f"--method dmd2 does not support {name} (full or LoRA student, bf16 or no)")
+    return out
 
 
 def _conflicts(args: argparse.Namespace) -> list[str]:

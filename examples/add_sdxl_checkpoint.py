@@ -3,14 +3,14 @@
 A checkpoint is written into ``checkpoints/.tmp-step-N/`` by every process (accelerate: the
 student and the RNG states of each process, the fp16 scaler; ``--fsdp``: one shard of the
 student and its optimiser per process), then the main process writes the discriminator, the
-optimisers, schedulers, EMA and counters, checks that every expected file is there and not
+optimisers, schedulers, EMA, counters and (``--method dmd2``) the fake score with its optimiser, checks that every expected file is there and not
 empty, lists every file with its size in ``manifest.json`` and renames the folder to
 ``checkpoints/step-N/`` (atomic on POSIX). A crash or a full disk before the rename leaves the
 previous checkpoint as the newest complete one.
 
 Loading verifies the manifest (every listed file present with its size; one
 ``random_states_<i>.pkl`` per process that wrote it) and that the run is set up like the one
-that wrote it (``--fsdp``, ``--ema-decay``, ``--lora-rank``, fp16 scaling). Every refusal names
+that wrote it (``--fsdp``, ``--ema-decay``, ``--lora-rank``, ``--method dmd2``, fp16 scaling). Every refusal names
 the folder. ``--resume latest`` takes the newest complete checkpoint and says which incomplete
 ones it passed over.
 """
@@ -35,12 +35,18 @@ if TYPE_CHECKING:
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
-_LAYOUT_FLAGS = {"fsdp": "--fsdp", "ema": "--ema-decay", "lora": "--lora-rank"}
+_LAYOUT_FLAGS = {"fsdp": "--fsdp", "ema": "--ema-decay", "lora": "--lora-rank", "fake_score": "--method dmd2"}
+FAKE_SCORE_FILES = ["fake_score.pt", "optimizer_fake_score.pt", "scheduler_fake_score.pt"]
 
 
-def layout(*, processes: int, fsdp: bool, ema: bool, lora: bool, scaler: bool) -> dict[str, Any]:
+def layout(
+    *, processes: int, fsdp: bool, ema: bool, lora: bool, scaler: bool, fake_score: bool = False
+) -> dict[str, Any]:
     """What a checkpoint holds: the number of processes that wrote it and its optional parts."""
-    return {"processes": processes, "fsdp": fsdp, "ema": ema, "lora": lora, "scaler": scaler}
+    return {
+        "processes": processes, "fsdp": fsdp, "ema": ema, "lora": lora, "scaler": scaler,
+        "fake_score": fake_score,
+    }  # fmt: skip
 
 
 def run_layout(state: RunState) -> dict[str, Any]:
@@ -51,6 +57,7 @@ def run_layout(state: RunState) -> dict[str, Any]:
         ema=state.ema is not None,
         lora=bool(getattr(state.args, "lora_rank", 0)),
         scaler=state.scaling.scaler is not None,
+        fake_score=getattr(state, "fake", None) is not None,
     )
 
 
@@ -64,6 +71,7 @@ def expected_files(lay: dict[str, Any]) -> list[str]:
     else:
         files += ["model.safetensors", "optimizer_student.pt"]
     files += ["ema.pt"] * lay["ema"] + ["scaler.pt"] * lay["scaler"]
+    files += FAKE_SCORE_FILES * lay.get("fake_score", False)  # written before --method existed: absent
     return files
 
 
@@ -79,6 +87,11 @@ def _objects(state: RunState) -> dict[str, Any]:
         objects["optimizer_student"] = state.opt_g
     if state.ema is not None:
         objects["ema"] = state.ema
+    fake = getattr(state, "fake", None)
+    if fake is not None:  # --method dmd2: the fake score's trained weights, optimiser and schedule
+        objects.update(
+            fake_score=fake, optimizer_fake_score=fake.optimizer, scheduler_fake_score=fake.scheduler
+        )
     return objects
 
 
@@ -263,8 +276,8 @@ def check_compatible(folder: Path, now: dict[str, Any], say: Callable[[str], Non
     """
     saved = json.loads((folder / MANIFEST).read_text())["layout"]
     for key, flag in _LAYOUT_FLAGS.items():
-        if saved[key] != now[key]:
-            written = "with" if saved[key] else "without"
+        if saved.get(key, False) != now.get(key, False):
+            written = "with" if saved.get(key, False) else "without"
             raise RecipeError(
                 f"--resume {folder}: it was written {written} {flag}; resume with the same setting"
             )

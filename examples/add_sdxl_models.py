@@ -228,7 +228,7 @@ def unconditional(
 # ---------------------------------------------------------------------------------------------
 def load_image_encoder(args: argparse.Namespace) -> Any:
     """ADD's image conditioning network (DINOv2 ViT-L CLS embedding of the real image), or None."""
-    if args.image_encoder == "none" or args.discriminator == "teacher":
+    if args.image_encoder == "none" or args.discriminator == "teacher" or args.method == "dmd2":
         return None
     if args.preset == "random":
         return random_preset.image_encoder(args.seed).requires_grad_(False).eval()
@@ -280,11 +280,7 @@ def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.Proj
 
 
 def teacher_features(args: argparse.Namespace, models: Models) -> addkit.TeacherFeatures:
-    """LADD: the frozen teacher on re-noised latents, tapped at its down and mid blocks.
-
-    The objective passes no text conditioning to the feature network, so the teacher runs on
-    the unconditional (zero) embedding; the heads see the pooled text by projection.
-    """
+    """LADD: the frozen teacher on re-noised latents, tapped at its down and mid blocks."""
     unet = models.teacher
     widths = {f"down_blocks.{i}": c for i, c in enumerate(unet.config.block_out_channels)}
     widths["mid_block"] = unet.config.block_out_channels[-1]
@@ -292,6 +288,17 @@ def teacher_features(args: argparse.Namespace, models: Models) -> addkit.Teacher
     unknown = [t for t in taps if t not in widths]
     if unknown:
         raise RecipeError(f"--teacher-taps: unknown blocks {unknown}; choose from {sorted(widths)}")
+    return unet_features(unet, models, taps, channels=[widths[t] for t in taps])
+
+
+def unet_features(
+    unet: Any, models: Models, taps: list[str], *, channels: list[int], freeze: bool = True
+) -> addkit.TeacherFeatures:
+    """A UNet's features at ``taps`` on re-noised latents (LADD's teacher; DMD2's fake score with ``freeze=False``).
+
+    The objectives pass no text conditioning to the feature network, so the UNet runs on the
+    unconditional (zero) embedding; the heads see the pooled text by projection.
+    """
     adapter = addkit.denoisers.DiffusersUNetAdapter(unet)
     pooled = unet.config.projection_class_embeddings_input_dim
     pooled = pooled - 6 * unet.config.addition_time_embed_dim if models.sdxl else 0
@@ -304,4 +311,4 @@ def teacher_features(args: argparse.Namespace, models: Models) -> addkit.Teacher
             cond["time_ids"] = square_time_ids(x_t.shape[-1] * models.vae_factor, b, x_t.device).to(x_t.dtype)
         return adapter(x_t, t, **cond)
 
-    return addkit.TeacherFeatures(unet, models.schedule, taps, channels=[widths[t] for t in taps], call=call)
+    return addkit.TeacherFeatures(unet, models.schedule, taps, channels=channels, call=call, freeze=freeze)

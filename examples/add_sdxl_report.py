@@ -117,7 +117,7 @@ def save_grid(path: Path, images: torch.Tensor, columns: int) -> Path:
 def report(state: RunState, unet: nn.Module, output_dir: Path) -> Path:
     """Sample grid (rows: 1 step and all steps x prompts; columns: seeds) and diversity scalars."""
     args, models = state.args, state.models
-    timesteps = state.objective.student_timesteps.tolist()
+    timesteps = torch.as_tensor(state.objective.student_timesteps).tolist()
     rows = [
         vae_decode(
             models.vae, generate(unet, models, state.text, p, list(args.grid_seeds), steps, args.resolution)
@@ -146,7 +146,8 @@ def diversity(state: RunState, unet: nn.Module, prompt: str, timesteps: list[int
     for steps in (timesteps[:1], timesteps):
         seeds = list(range(args.diversity_seeds))
         latents = generate(unet, models, state.text, prompt, seeds, steps, args.resolution)
-        x = latents if args.discriminator == "teacher" else vae_decode(models.vae, latents).clamp(-1, 1)
+        on_latents = args.discriminator == "teacher" or args.method == "dmd2"  # LADD's or DMD2's head
+        x = latents if on_latents else vae_decode(models.vae, latents).clamp(-1, 1)
         feats = disc.extract(x, generator=torch.Generator(x.device).manual_seed(0))
         vec = torch.cat([f.float().mean(dim=2) for f in feats], dim=1)
         out[f"diversity/feature_distance_{len(steps)}step"] = float(torch.pdist(vec).mean())

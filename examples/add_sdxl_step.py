@@ -101,6 +101,7 @@ class RunState:
     sched_d: torch.optim.lr_scheduler.LRScheduler
     scaling: LossScaling
     ema: torch.optim.swa_utils.AveragedModel | None = None  # over the trainable parameters
+    fake: Any = None  # --method dmd2: add_sdxl_dmd.FakeScore (objective: addkit.DMDObjective)
     progress: Progress = field(default_factory=Progress)
     data: Iterator[Batch] | None = None
     resumed_from: Path | None = None  # the checkpoint the run continues

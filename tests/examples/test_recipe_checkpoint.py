@@ -34,7 +34,9 @@ def step(out: Path, n: int) -> Path:
 def test_a_complete_checkpoint_lists_every_file_with_its_size(out):
     folder = step(out, 2)
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["layout"] == {"processes": 1, "fsdp": False, "ema": True, "lora": False, "scaler": False}
+    assert manifest["layout"] == {
+        "processes": 1, "fsdp": False, "ema": True, "lora": False, "scaler": False, "fake_score": False,
+    }  # fmt: skip
     assert set(expected_files(manifest["layout"])) <= set(manifest["files"])
     assert "random_states_0.pkl" in manifest["files"] and problem(folder) is None
 
