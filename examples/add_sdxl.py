@@ -10,7 +10,7 @@ distribution, resume); `train` runs `add_sdxl_step.train_step` until ``--max-ste
 samples, checkpoints and logs on the way. The parts live beside this file:
 
 - ``add_sdxl_args.py``: flags, their checks, and the paths checked before anything is built;
-- ``add_sdxl_models.py``: teacher, student, VAE (a float32 island when it asks), text, discriminator;
+- ``add_sdxl_models.py``: teacher and student (one UNet with LoRA), VAE, text, discriminator;
 - ``add_sdxl_step.py``: the run state and one optimiser step (one host read, skip on non-finite);
 - ``add_sdxl_dmd.py``: ``--method dmd2`` (the fake score, its optimiser, the GAN head, one DMD2 step);
 - ``add_sdxl_checkpoint.py``: complete-or-absent checkpoints, verified on save and load;
@@ -60,7 +60,7 @@ from add_sdxl_models import (
     place_models,
     vae_decode,
 )
-from add_sdxl_report import RunSummary, export, report, student_weights
+from add_sdxl_report import RunSummary, export, report, student_weights, teacher_apart
 from add_sdxl_step import LossScaling, RunState, StepResult, train_step
 
 __all__ = [
@@ -264,8 +264,8 @@ def train(args: argparse.Namespace) -> RunSummary:
             if unet is not None and args.preset == "tiny":
                 bar.close()
                 print("add_sdxl: scoring teacher and student on the tiny world's held-out captions ...")
-                with dmd.teacher_alone(state.fake):
-                    scores = tiny.evaluate(state.models, unet, output_dir, seed=args.seed)
+                with dmd.teacher_alone(state.fake), teacher_apart(state.models, unet) as (models, scored):
+                    scores = tiny.evaluate(models, scored, output_dir, seed=args.seed)
             student = unet if args.fsdp else (acc.unwrap_model(state.student) if unet is not None else None)
         acc.wait_for_everyone()
     finally:

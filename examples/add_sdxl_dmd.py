@@ -5,7 +5,8 @@ The student trains with ``addkit.DMDObjective`` instead of ``ADDObjective``:
 - **fake score**: initialised from the teacher. A full run trains a copy of it; with
   ``--lora-rank`` it is a LoRA adapter named ``fake_score`` on the teacher's own network, and
   the real score is that network seen through ``addkit.denoisers.AdaptersDisabled``, so the
-  teacher's weights are held once for both scores;
+  teacher's weights are held once for both scores (the LoRA student sits on a copy of them:
+  two copies in all, where ADD with LoRA holds one; see ``add_sdxl_models.make_student``);
 - **two time-scale rule**: one optimiser step makes ``--fake-steps`` fake-score updates (DMD2:
   5), each on its own micro-batches, then one generator update;
 - **GAN head** (``--gan-weight > 0``): a projected discriminator on the fake score's bottleneck
@@ -303,7 +304,7 @@ def sdxl_gan_head(args: Any, models: Any, fake: FakeScore) -> addkit.ProjectedDi
     """DMD2's GAN head: projected heads (seeded) on the fake score's mid block, on latents."""
     from add_sdxl_models import unet_features
 
-    unet = models.teacher
+    unet = models.unet
     encoder = models.text_encoders[-1].config
     pooled_dim = encoder.projection_dim if models.sdxl else encoder.hidden_size
     features = unet_features(
@@ -328,6 +329,6 @@ def sdxl_inputs(state: Any, batch: Any) -> Inputs:
         with torch.no_grad():
             real = vae_encode(models.vae, batch["pixels"].to(device))
     side = args.resolution // models.vae_factor
-    noise = torch.randn(len(batch["caption"]), models.teacher.config.in_channels, side, side, device=device)
+    noise = torch.randn(len(batch["caption"]), models.unet.config.in_channels, side, side, device=device)
     uncond = unconditional(cond, models, state.text) if args.guidance_scale != 1.0 else None
     return Inputs(noise=noise, cond=cond, uncond=uncond, gan={"c_text": pooled}, real=real)

@@ -3,6 +3,12 @@
 The frozen networks run in the compute dtype except the VAE when its config asks for float32
 (``force_upcast``, the SDXL VAE overflows in float16): then it stays in float32 and every
 encode and decode runs in float32 with autocast off, as the diffusers pipelines do.
+
+With ``--lora-rank r`` the UNet gets a LoRA adapter and *is* the student; the teacher (the
+distillation target, LADD's feature network, the tiny preset's scores) is the same module with
+its adapters disabled (``addkit.denoisers.AdaptersDisabled``), so the UNet's weights are held
+once. A full fine-tune trains a copy. ``--method dmd2`` with LoRA keeps the student a LoRA on a
+copy: its fake score is a second adapter on the teacher's UNet (see ``add_sdxl_dmd.py``).
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import add_sdxl_random as random_preset
 import addkit
 import tiny_world
 from add_sdxl_args import RecipeError
+from addkit.denoisers import AdaptersDisabled
 
 
 @dataclass
 class Models:
     """Everything loaded from the checkpoint (or the tiny preset), before distribution."""
 
-    teacher: Any  # frozen diffusers UNet
-    student: Any  # trainable copy (or LoRA on a copy)
+    teacher: Any  # the frozen UNet; with LoRA (ADD), AdaptersDisabled(student)
+    student: Any  # the UNet with LoRA (dmd2: on a copy), or a trainable copy
     vae: Any
     text_encoders: list
     tokenizers: list
@@ -35,6 +42,11 @@ class Models:
     sdxl: bool
     scheduler_config: dict
     image_encoder: Any = None
+
+    @property
+    def unet(self) -> Any:
+        """The teacher's UNet module (with LoRA in an ADD run: the student itself, adapters on)."""
+        return bare(self.teacher)
 
     @property
     def vae_factor(self) -> int:
@@ -66,7 +78,32 @@ def load_models(args: argparse.Namespace) -> Models:
         args.resolution = args.resolution or native
     for module in (teacher, vae, *encoders):
         module.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher).train()
+    student, teacher = make_student(args, teacher)
+    models = Models(
+        teacher=teacher,
+        student=student,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        schedule=addkit.VPSchedule.from_diffusers(scheduler),
+        prediction=scheduler.config.prediction_type,
+        sdxl=bare(teacher).config.addition_embed_type == "text_time",
+        scheduler_config=dict(scheduler.config),
+        image_encoder=load_image_encoder(args),
+    )
+    _check_resolution(args, models)
+    return models
+
+
+def make_student(args: argparse.Namespace, unet: Any) -> tuple[Any, Any]:
+    """``(student, teacher)`` from the frozen ``unet``: one copy with LoRA, two for a full fine-tune.
+
+    With ``--lora-rank`` (ADD) the student is ``unet`` with a LoRA adapter (seeded from
+    ``--seed``) and the teacher is ``AdaptersDisabled(unet)``; DMD2 puts the LoRA on a copy
+    (``unet`` then carries the fake score's adapter). Without LoRA the student is a trainable copy.
+    """
+    one_copy = bool(args.lora_rank) and args.method != "dmd2"
+    student = unet if one_copy else copy.deepcopy(unet)
     if args.lora_rank:
         from peft import LoraConfig
 
@@ -82,22 +119,15 @@ def load_models(args: argparse.Namespace) -> Models:
             )
     else:
         student.requires_grad_(True)
-    if args.gradient_checkpointing:
+    student.train()
+    if args.gradient_checkpointing:  # the teacher's view suspends it for its own calls
         student.enable_gradient_checkpointing()
-    models = Models(
-        teacher=teacher,
-        student=student,
-        vae=vae,
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        schedule=addkit.VPSchedule.from_diffusers(scheduler),
-        prediction=scheduler.config.prediction_type,
-        sdxl=teacher.config.addition_embed_type == "text_time",
-        scheduler_config=dict(scheduler.config),
-        image_encoder=load_image_encoder(args),
-    )
-    _check_resolution(args, models)
-    return models
+    return student, AdaptersDisabled(unet) if one_copy else unet
+
+
+def bare(unet: Any) -> Any:
+    """The UNet module behind a teacher view (``AdaptersDisabled``), or ``unet`` itself."""
+    return unet.model if isinstance(unet, AdaptersDisabled) else unet
 
 
 def _from_pretrained(args: argparse.Namespace) -> tuple:
@@ -119,14 +149,14 @@ def _from_pretrained(args: argparse.Namespace) -> tuple:
 
 def _check_resolution(args: argparse.Namespace, models: Models) -> None:
     """The UNet halves the latent side once per down block but the last: the side must divide evenly."""
-    factor = models.vae_factor * 2 ** (len(models.teacher.config.block_out_channels) - 1)
+    factor = models.vae_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise RecipeError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model")
 
 
 def place_models(models: Models, device: torch.device, dtype: torch.dtype) -> None:
     """Frozen networks to ``device`` in the compute ``dtype`` (the VAE in float32 when it asks for it)."""
-    for module in (models.teacher, *models.text_encoders, models.image_encoder):
+    for module in (models.unet, *models.text_encoders, models.image_encoder):
         if module is not None:
             module.to(device, **({} if dtype == torch.float32 else {"dtype": dtype}))
     upcast = dtype == torch.float16 and getattr(models.vae.config, "force_upcast", False)
@@ -281,14 +311,14 @@ def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.Proj
 
 def teacher_features(args: argparse.Namespace, models: Models) -> addkit.TeacherFeatures:
     """LADD: the frozen teacher on re-noised latents, tapped at its down and mid blocks."""
-    unet = models.teacher
+    unet = models.unet
     widths = {f"down_blocks.{i}": c for i, c in enumerate(unet.config.block_out_channels)}
     widths["mid_block"] = unet.config.block_out_channels[-1]
     taps = args.teacher_taps or [f"down_blocks.{len(unet.down_blocks) - 1}", "mid_block"]
     unknown = [t for t in taps if t not in widths]
     if unknown:
         raise RecipeError(f"--teacher-taps: unknown blocks {unknown}; choose from {sorted(widths)}")
-    return unet_features(unet, models, taps, channels=[widths[t] for t in taps])
+    return unet_features(models.teacher, models, taps, channels=[widths[t] for t in taps])
 
 
 def unet_features(
@@ -297,15 +327,17 @@ def unet_features(
     """A UNet's features at ``taps`` on re-noised latents (LADD's teacher; DMD2's fake score with ``freeze=False``).
 
     The objectives pass no text conditioning to the feature network, so the UNet runs on the
-    unconditional (zero) embedding; the heads see the pooled text by projection.
+    unconditional (zero) embedding; the heads see the pooled text by projection. ``unet`` may be
+    a teacher view (``AdaptersDisabled``): the features are then the base's.
     """
     adapter = addkit.denoisers.DiffusersUNetAdapter(unet)
-    pooled = unet.config.projection_class_embeddings_input_dim
-    pooled = pooled - 6 * unet.config.addition_time_embed_dim if models.sdxl else 0
+    config = bare(unet).config
+    pooled = config.projection_class_embeddings_input_dim
+    pooled = pooled - 6 * config.addition_time_embed_dim if models.sdxl else 0
 
     def call(x_t: torch.Tensor, t: torch.Tensor) -> Any:
         b = x_t.shape[0]
-        cond = {"encoder_hidden_states": x_t.new_zeros(b, 1, unet.config.cross_attention_dim)}
+        cond = {"encoder_hidden_states": x_t.new_zeros(b, 1, config.cross_attention_dim)}
         if models.sdxl:
             cond["text_embeds"] = x_t.new_zeros(b, pooled)
             cond["time_ids"] = square_time_ids(x_t.shape[-1] * models.vae_factor, b, x_t.device).to(x_t.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import add_sdxl_fsdp as fsdp
 import addkit
 from add_sdxl_models import Models, TextEncoder, square_time_ids, vae_decode
 from add_sdxl_step import RunState
+from addkit.denoisers import AdaptersDisabled, adapters_disabled
 from addkit.sampling import sample
 
 TINY_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
@@ -61,6 +63,22 @@ def student_weights(state: RunState) -> Iterator[nn.Module | None]:
         yield unet
     finally:
         _copy_into(live, saved)
+
+
+@contextlib.contextmanager
+def teacher_apart(models: Models, unet: nn.Module) -> Iterator[tuple[Models, nn.Module]]:
+    """``(models, student)`` whose teacher is a plain UNet, for code that runs both side by side.
+
+    With one copy (LoRA) the student ``unet`` and the teacher's view share a module: the
+    student becomes a copy of it (a LoRA's weights as shown, the EMA's when ``unet`` comes from
+    `student_weights`) and the teacher the module itself with its adapters off, inside the block.
+    """
+    if not isinstance(models.teacher, AdaptersDisabled):
+        yield models, unet
+        return
+    student = copy.deepcopy(unet)
+    with adapters_disabled(models.unet):
+        yield dataclasses.replace(models, teacher=models.unet), student
 
 
 @torch.no_grad()
