@@ -238,7 +238,10 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         p.error("--preset none needs --pretrained")
     if not builtin and not args.data:
         p.error("--data is required with --pretrained")
-    p.set_defaults(**preset_defaults(args.preset))  # the preset's values; flags given still win
+    defaults = preset_defaults(args.preset)
+    if args.fsdp:  # --fsdp trains without EMA: a preset's EMA gives way (an --ema-decay given is refused)
+        defaults.pop("ema_decay", None)
+    p.set_defaults(**defaults)  # the preset's values; flags given still win
     args = p.parse_args(argv)
     args.preset = args.preset or ("none" if args.pretrained else "tiny")
     for message in [*_method_conflicts(args, p), *_conflicts(args)]:

@@ -6,9 +6,9 @@ Measured on the shipped teacher with the recipe itself (numbers in ``docs/tiny_w
 from __future__ import annotations
 
 DEFAULTS: dict[str, object] = {
-    "max_steps": 300,
+    "max_steps": 450,
     "batch_size": 16,
-    "lr": 1e-4,
+    "lr": 5e-5,
     "lr_d": 1e-3,
     "adam_betas_d": [0.0, 0.99],
     "weight_decay": 1e-2,
@@ -16,7 +16,6 @@ DEFAULTS: dict[str, object] = {
     "lambda_distill": 2.5,
     "weighting": "exponential",
     "distill_space": "pixel",
-    "r1_gamma": 1e-5,
     "ema_decay": 0.99,
     "augment": False,  # DiffAugment off: at 32 pixels a translation moves too much of the shape
 }

@@ -100,8 +100,9 @@ def test_resuming_with_another_setup_is_refused_before_any_model_is_built(out, m
     with pytest.raises(
         RecipeError, match=f"--resume {step(out, 2)}: it was written with --ema-decay; resume with"
     ):
-        add_sdxl.main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "3"])
+        add_sdxl.main(["--preset", "random", "--output-dir", str(out), "--resume", "latest", "--max-steps", "3"])
     with pytest.raises(RecipeError, match="it was written without --lora-rank"):
         add_sdxl.main(
-            ["--output-dir", str(out), "--resume", "latest", "--ema-decay", "0.9", "--lora-rank", "4"]
-        )
+            ["--preset", "random", "--output-dir", str(out), "--resume", "latest", "--ema-decay", "0.9",
+             "--lora-rank", "4"]
+        )  # fmt: skip

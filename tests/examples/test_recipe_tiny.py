@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,15 @@ def test_default_preset_is_the_tiny_world_with_its_tuned_settings(tmp_path: Path
     assert parse_args(["--preset", "random", "--output-dir", str(tmp_path)]).augment is True
 
 
-def test_short_default_run_writes_the_report(tmp_path: Path) -> None:
+def _readme_sample_prompt() -> str:
+    """The prompt of the README's ``sample_sdxl.py outputs/tiny/export "..."`` command."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(r'sample_sdxl\.py outputs/tiny/export "([^"]+)"', readme)
+    assert match, "the README's sample command is gone"
+    return match.group(1)
+
+
+def test_short_default_run_writes_the_report(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     text = _run(tmp_path, "--max-steps", "2")
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == {"teacher", "student", "real"}
@@ -71,6 +80,15 @@ def test_short_default_run_writes_the_report(tmp_path: Path) -> None:
         assert name in text
     assert (tmp_path / "export" / "model_index.json").is_file()
     assert (tmp_path / "samples" / "step-0000002.png").is_file()
+    # the README's sample command on the export: a caption of the world, not truncated
+    import sample_sdxl
+
+    prompt = _readme_sample_prompt()
+    assert tiny_world.parse_caption(prompt)
+    capfd.readouterr()
+    path = sample_sdxl.main([str(tmp_path / "export"), prompt, "--steps", "1", "--out", str(tmp_path / "s.png")])
+    assert Image.open(path).size == (32, 32)
+    assert "truncated" not in capfd.readouterr().err
     assert list((tmp_path / "tiny_data").glob("*.txt"))
     captions = {p.read_text().strip() for p in (tmp_path / "tiny_data").glob("*.txt")}
     assert not captions & set(tiny_world.HELD_OUT_CAPTIONS)  # held-out captions never trained on
