@@ -169,6 +169,7 @@ def test_accelerate_prepare_multi_cpu(gloo: None, monkeypatch: pytest.MonkeyPatc
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # accelerate writes some of these; monkeypatch restores them
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's (non-distributed) state
     try:
         accelerator = Accelerator(cpu=True)
         bare = _unet()

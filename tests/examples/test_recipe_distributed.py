@@ -108,7 +108,9 @@ def test_fsdp_two_processes_resume_equals_the_uninterrupted_run(tmp_path):
 
     a, b = (out / "checkpoints" / "step-0000002" for out in (straight, resumed))
     manifest = json.loads((a / "manifest.json").read_text())
-    assert manifest["layout"] == {"processes": 2, "fsdp": True, "ema": False, "lora": False, "scaler": False}
+    assert manifest["layout"] == {
+        "processes": 2, "fsdp": True, "ema": False, "lora": False, "scaler": False, "fake_score": False,
+    }  # fmt: skip
     assert {"student/__0_0.distcp", "student/__1_0.distcp", "random_states_1.pkl"} <= manifest["files"].keys()
     student_a, student_b = _dcp(a / "student", tmp_path / "a.pt"), _dcp(b / "student", tmp_path / "b.pt")
     assert any(
