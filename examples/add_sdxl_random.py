@@ -19,19 +19,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from addkit.testing import tiny_dinov2, tiny_dinov2_kwargs, tiny_sdxl_components
+from tiny_world import world
 
 RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 16 x 16
 MAX_TOKENS = 77  # as CLIP: captions and the README prompts (character tokens) fit untruncated
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
-}
-SHAPES = ("circle", "square", "triangle")
+COLOURS, SHAPES = world.COLOURS, world.SHAPES  # the tiny world's palette and shapes
 
 
 @dataclass

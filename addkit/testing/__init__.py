@@ -13,7 +13,9 @@ this package.
 - [`pipelines`][addkit.testing.pipelines]: a tiny ``StableDiffusionXLPipeline`` and the
   conditioning it builds for a prompt;
 - [`host_reads`][addkit.testing.host_reads]: count the tensor-to-host reads (device
-  synchronisations) a block of code makes.
+  synchronisations) a block of code makes;
+- [`storage`][addkit.testing.storage]: count the storages holding a model's weights (one
+  copy or two), randomise a LoRA adapter.
 """
 
 from addkit.testing.host_reads import HostRead, HostReads, count_host_reads
@@ -27,13 +29,16 @@ from addkit.testing.models import (
     tiny_vae,
 )
 from addkit.testing.pipelines import sdxl_condition, tiny_sdxl_components, tiny_sdxl_pipeline
+from addkit.testing.storage import randomize_lora, storage_counts
 from addkit.testing.text import tiny_clip_text_encoder, tiny_clip_tokenizer
 
 __all__ = [
     "HostRead",
     "HostReads",
     "count_host_reads",
+    "randomize_lora",
     "sdxl_condition",
+    "storage_counts",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
     "tiny_dinov2",

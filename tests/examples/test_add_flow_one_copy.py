@@ -26,6 +26,7 @@ import add_flow  # examples/ is on pytest's pythonpath
 import add_flow_tiny as tiny
 from addkit.denoisers import AdaptersDisabled, adapters_disabled, wrap
 from addkit.schedules import FlowSchedule
+from addkit.testing import randomize_lora, storage_counts
 
 
 def _setup(model: str, tmp_path: Any, *extra: str) -> Any:
@@ -59,32 +60,11 @@ def _copies(run: Any) -> dict[str, int]:
     many unrelated tensors of the same shape.
     """
     base = tiny.pipeline(run.args.model, run.args.seed, **_variant(run)).transformer.state_dict()
-    reachable = _tensors(run)
-    counts = {}
-    for name, weight in base.items():
-        if weight.numel() < 2 or not bool(weight.float().std() > 0):
-            continue
-        ptrs = {
-            t.untyped_storage().data_ptr()
-            for t in reachable
-            if t.shape == weight.shape and torch.equal(t, weight)
-        }
-        counts[name] = len(ptrs)
-    return counts
+    return storage_counts(base, _tensors(run))
 
 
 def _variant(run: Any) -> dict[str, Any]:
     return {"guidance_embeds": run.args.tiny_flux == "dev"} if run.args.model == "flux" else {}
-
-
-def _perturb_lora(module: nn.Module) -> int:
-    """Random LoRA weights (B starts at zero, which would leave the student equal to the base)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        params = [p for n, p in module.named_parameters() if "lora_" in n]
-        for p in params:
-            p.normal_(0, 0.5)
-    return len(params)
 
 
 def _inputs(run: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -101,7 +81,7 @@ def test_lora_run_holds_the_transformer_once_and_its_teacher_is_the_base(model: 
     assert run.models.teacher.model is run.models.student is run.models.pipe.transformer
     assert run.discriminator.features.teacher is run.models.teacher  # LADD reads the same base
     assert not list(run.discriminator.features.parameters())  # nothing registered twice
-    assert _perturb_lora(run.models.student) > 0
+    assert randomize_lora(run.models.student) > 0
     counts = _copies(run)
     assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
     tensors = _tensors(run)
@@ -195,7 +175,7 @@ def test_teacher_gradients_through_a_checkpointed_lora_transformer() -> None:
 
     transformer = tiny.pipeline("sd3").transformer
     transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
-    _perturb_lora(transformer)
+    randomize_lora(transformer)
     schedule = FlowSchedule(shift=3.0)
     student, teacher = (
         wrap(transformer, schedule, "flow"),
@@ -229,7 +209,7 @@ def test_the_view_serves_an_sdxl_unet_too() -> None:
 
     unet, base = tiny_sdxl_unet(), tiny_sdxl_unet()
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    _perturb_lora(unet)
+    randomize_lora(unet)
     schedule = VPSchedule.scaled_linear()
     cond = {"encoder_hidden_states": torch.randn(2, 3, 32), "text_embeds": torch.randn(2, 16),
             "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}  # fmt: skip

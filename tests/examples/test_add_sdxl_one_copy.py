@@ -29,6 +29,7 @@ from add_sdxl_args import check_paths, parse_args
 from add_sdxl_models import square_time_ids, unet_features
 from add_sdxl_report import export, teacher_apart
 from addkit.denoisers import AdaptersDisabled, wrap
+from addkit.testing import randomize_lora, storage_counts
 
 LORA = ["--lora-rank", "4"]
 LADD = ["--discriminator", "teacher", "--distill-space", "latent"]
@@ -74,28 +75,7 @@ def _copies(state: Any) -> dict[str, int]:
     Constant weights (a norm's ones, a zero bias) are skipped: they equal unrelated tensors.
     """
     base = random_preset.build_parts(state.args.seed).unet.state_dict()
-    reachable = _tensors(state)
-    counts = {}
-    for name, weight in base.items():
-        if weight.numel() < 2 or not bool(weight.float().std() > 0):
-            continue
-        same = {
-            t.untyped_storage().data_ptr()
-            for t in reachable
-            if t.shape == weight.shape and torch.equal(t, weight)
-        }
-        counts[name] = len(same)
-    return counts
-
-
-def _perturb_lora(module: nn.Module) -> int:
-    """Random LoRA weights (B starts at zero, which would leave the student equal to the base)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        params = [p for n, p in module.named_parameters() if "lora_" in n]
-        for p in params:
-            p.normal_(0, 0.5)
-    return len(params)
+    return storage_counts(base, _tensors(state))
 
 
 def _inputs(state: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,7 +94,7 @@ def test_lora_run_holds_the_unet_once_and_its_teacher_is_the_base(extra: list[st
     assert (
         models.teacher.model is models.student is models.unet is state.accelerator.unwrap_model(state.student)
     )
-    assert _perturb_lora(models.student) > 0
+    assert randomize_lora(models.student) > 0
     counts = _copies(state)
     assert counts and set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
     base_numel = sum(p.numel() for n, p in models.unet.named_parameters() if "lora_" not in n)
