@@ -48,6 +48,7 @@ from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses.adversarial import hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss
 from addkit.losses.distillation import sample_distillation_timesteps
+from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
 from addkit.objective import StudentInputs
 from addkit.sampling import sample
@@ -316,7 +317,9 @@ class DMDObjective:
             gan_kwargs: keyword arguments for the GAN head.
 
         Returns:
-            ``(loss, logs)`` with ``f/denoise``, ``f/gan`` (with a head and ``real``) and ``f/total``.
+            ``(loss, logs)`` with ``f/denoise``, ``f/gan`` (with a head and ``real``; with
+            the head's ``f/gan_rank``, ``f/gan_gap`` and the rest of
+            [`discriminator_stats`][addkit.losses.health.discriminator_stats]) and ``f/total``.
         """
         fake = student_x0.detach()
         denoise = fake_score_loss(
@@ -336,6 +339,7 @@ class DMDObjective:
             gan = self.d_loss_fn(real_logits, fake_logits)
             total = total + self.gan_d_weight * gan
             logs["f/gan"] = gan.detach()
+            logs.update({f"f/gan_{k}": v for k, v in discriminator_stats(real_logits, fake_logits).items()})
         logs["f/total"] = total.detach()
         return total, logs
 

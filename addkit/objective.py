@@ -41,6 +41,7 @@ from addkit.losses.adversarial import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
+from addkit.losses.health import discriminator_stats
 from addkit.losses.distillation import (
     Distance,
     Weighting,
@@ -96,8 +97,7 @@ class ADDObjective:
     models, reusing the decoded student image).
 
     **Discriminator loss.** Hinge (or non-saturating) on real and detached fake images in
-    two separate discriminator calls (the heads' batch statistics must not mix real and
-    fake), plus $\gamma R_1$ on real images, every ``r1_interval`` steps scaled by the
+    two separate discriminator calls, plus $\gamma R_1$ on real images, every ``r1_interval`` steps scaled by the
     interval. ``r1_placement="features"`` (ADD) differentiates w.r.t. the frozen features
     fed to the heads; ``"images"`` is exact and runs the double backward through the
     feature network under the math attention backend; ``"approximate"`` is APT's
@@ -128,7 +128,10 @@ class ADDObjective:
         discriminator: any [`Discriminator`][addkit.typing.Discriminator] (called as
             ``D(images, c_text=..., c_image=..., per_head=True, generator=...)``), e.g. a
             [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator];
-            ``None`` only with ``adversarial_weight=0``. Under DDP, either wrap it and keep
+            ``None`` only with ``adversarial_weight=0``. Real and fake are scored in separate
+            calls: a discriminator whose outputs depend on the rest of its batch (batch
+            normalisation, e.g. ``ProjectedDiscriminator(norm="batch")``) cannot see a fault
+            that all fakes share; addkit's default heads normalise each sample alone. Under DDP, either wrap it and keep
             its parameters' ``requires_grad`` fixed (DDP's reducer breaks when they are
             toggled off for the generator step), or leave it unwrapped and average its
             gradients yourself (what ``examples/add_sdxl.py`` does). R1 on features calls
@@ -450,8 +453,10 @@ class ADDObjective:
 
         Returns:
             ``(loss, logs)`` with logs ``d/adv``, ``d/logits_real``, ``d/logits_fake``,
-            ``d/real_acc`` (fraction of real tokens scored > 0), ``d/fake_acc``, ``d/r1``
-            (on the steps it is computed) and ``d/total``.
+            ``d/real_acc`` (fraction of real tokens scored > 0), ``d/fake_acc``, ``d/rank``
+            (fraction of real/fake pairs ranked right) and ``d/gap`` (mean real minus fake
+            score; see [`discriminator_stats`][addkit.losses.health.discriminator_stats]),
+            ``d/r1`` (on the steps it is computed) and ``d/total``.
 
         Raises:
             ValueError: for mismatched shapes or conditioning, or no ``step`` with
@@ -469,13 +474,8 @@ class ADDObjective:
         fake_logits = self._logits(fake.detach(), c_text, c_image, generator, **fk)
         adv = self.d_loss_fn(real_logits, fake_logits)
         total = adv
-        logs = {
-            "d/adv": adv.detach(),
-            "d/logits_real": _mean_logit(real_logits),
-            "d/logits_fake": _mean_logit(fake_logits),
-            "d/real_acc": _fraction_positive(real_logits),
-            "d/fake_acc": 1.0 - _fraction_positive(fake_logits),
-        }
+        logs = {"d/adv": adv.detach()}
+        logs.update({f"d/{k}": v for k, v in discriminator_stats(real_logits, fake_logits).items()})
         if r1 is not None:
             total = total + self.r1_gamma * self.lazy_r1.scale * r1
             logs["d/r1"] = r1.detach()
@@ -495,8 +495,3 @@ class ADDObjective:
 def _mean_logit(logits: HeadLogits) -> Tensor:
     heads = as_heads("ADDObjective", "logits", logits)
     return torch.stack([h.detach().float().mean() for h in heads]).mean()
-
-
-def _fraction_positive(logits: HeadLogits) -> Tensor:
-    heads = as_heads("ADDObjective", "logits", logits)
-    return torch.cat([h.detach().flatten() > 0 for h in heads]).float().mean()

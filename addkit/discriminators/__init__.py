@@ -19,7 +19,14 @@ Importing this package never imports timm, open_clip or diffusers.
 from addkit.discriminators.augment import DiffAugment, diff_augment
 from addkit.discriminators.clip import CLIPFeatures
 from addkit.discriminators.features import FeatureNetwork, FrozenFeatures, TappedFeatures
-from addkit.discriminators.heads import BatchNormLocal, DiscHead, EqualizedLinear, projection_logits
+from addkit.discriminators.heads import (
+    BatchNormLocal,
+    DiscHead,
+    EqualizedLinear,
+    HeadNorm,
+    SampleNorm,
+    projection_logits,
+)
 from addkit.discriminators.projected import ProjectedDiscriminator
 from addkit.discriminators.teacher import TeacherFeatures, sample_logit_normal
 from addkit.discriminators.vit import DINOv2Features, default_taps
@@ -33,7 +40,9 @@ __all__ = [
     "EqualizedLinear",
     "FeatureNetwork",
     "FrozenFeatures",
+    "HeadNorm",
     "ProjectedDiscriminator",
+    "SampleNorm",
     "TappedFeatures",
     "TeacherFeatures",
     "default_taps",

@@ -3,8 +3,7 @@
 One head per tap maps tokens ``[B, C, N]`` to one logit per token ``[B, N]``:
 
 1. a block with kernel 1, then a residual block with kernel 9, each block being a
-   spectral-normalised ``Conv1d`` (circular padding) ->
-   [`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal] -> ``LeakyReLU(0.2)``;
+   spectral-normalised ``Conv1d`` (circular padding) -> a normalisation -> ``LeakyReLU(0.2)``;
    the residual sum is scaled by $1/\\sqrt 2$;
 2. an output ``Conv1d`` (kernel 1) to ``cmap_dim`` channels when conditioned, else to 1;
 3. projection conditioning (Miyato & Koyama) with $c_{map} = W c$:
@@ -12,6 +11,20 @@ One head per tap maps tokens ``[B, C, N]`` to one logit per token ``[B, N]``:
 $$ \\ell_{b,n} = \\frac{1}{\\sqrt{d_{map}}} \\sum_{j=1}^{d_{map}} h_{b,j,n}\\, c_{map,b,j}. $$
 
 Higher logits mean "real".
+
+**Normalisation.** StyleGAN-T normalises with
+[`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal] over virtual batches of 8 and
+calls the discriminator on real and fake batches separately. Whatever a whole batch shares
+(a colour cast, a contrast change, a blur on every sample) is then subtracted or divided away
+before any weight sees it: a generator trained from scratch differs from the data sample by
+sample, but a distilled student's faults are largely systematic, shared by its whole batch, and
+measured on addkit's tiny world a separately-called batch-normalised discriminator stays near
+chance on exactly those faults. addkit's default ``norm="sample"`` is
+[`SampleNorm`][addkit.discriminators.heads.SampleNorm]: each sample is normalised over its own
+channels and tokens (``GroupNorm`` with one group), so no sample's logits depend on the rest
+of the batch, whichever way the caller batches real and fake (ADD's objective, DMD2's GAN
+head, your own loop). ``norm="batch"`` keeps StyleGAN-T's normalisation for parity; feed it
+real and fake mixed inside each virtual batch.
 
 Spectral norm uses ``torch.nn.utils.parametrizations.spectral_norm`` (one power iteration
 per training-mode forward, none in eval mode); it supports double backward, which R1 on
@@ -26,6 +39,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +47,13 @@ from einops import einsum
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from addkit._checks import check_floating, check_ndim
+from addkit._checks import check_choice, check_floating, check_ndim
 
-__all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "projection_logits"]
+__all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "HeadNorm", "SampleNorm", "projection_logits"]
+
+HeadNorm = Literal["sample", "batch"]
+"""The heads' normalisation: per sample ([`SampleNorm`][addkit.discriminators.heads.SampleNorm]) or
+over virtual batches ([`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal], StyleGAN-T)."""
 
 
 def projection_logits(h: Tensor, cmap: Tensor) -> Tensor:
@@ -64,8 +82,11 @@ class BatchNormLocal(nn.Module):
 
     $$ y = \\gamma\\,\\frac{x - \\mu_g}{\\sqrt{\\sigma_g^2 + \\epsilon}} + \\beta. $$
 
-    Train and eval modes behave the same. Statistics are computed in (at least) float32. Call the
-    discriminator on real and fake batches separately so they are never normalised together.
+    Train and eval modes behave the same. Statistics are computed in (at least) float32. Every
+    sample's output depends on the others in its group: what a whole group shares is removed.
+    Called on real and fake batches separately (StyleGAN-T), a fault common to every fake is
+    invisible; mix real and fake inside each group, or use
+    [`SampleNorm`][addkit.discriminators.heads.SampleNorm] (addkit's default).
 
     Args:
         num_features: channels ``C``.
@@ -114,6 +135,47 @@ class BatchNormLocal(nn.Module):
         return y.to(x.dtype)
 
 
+class SampleNorm(nn.Module):
+    """Per-sample normalisation of tokens ``[B, C, N]``: one mean and variance per sample.
+
+    $$ y_{b,c,n} = \\gamma_c\\,\\frac{x_{b,c,n} - \\mu_b}{\\sqrt{\\sigma_b^2 + \\epsilon}} + \\beta_c, $$
+
+    $\\mu_b$ and $\\sigma_b^2$ over all channels and tokens of sample $b$ (``GroupNorm`` with one
+    group, computed in at least float32). No sample sees another, so a discriminator built on it
+    gives each image the same logits alone or in any batch, and a shift or scale shared by a
+    batch of fakes stays visible as a change of the channels' pattern.
+
+    Args:
+        num_features: channels ``C``.
+        eps: added to the variance.
+
+    Examples:
+        >>> norm = SampleNorm(4)
+        >>> x = torch.randn(3, 4, 10)
+        >>> torch.allclose(norm(x)[1:], norm(x[1:]))   # independent of the batch
+        True
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
+        check_ndim("SampleNorm", "x", x, 3, layout="[B, C, N]")
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = F.group_norm(x32, 1, self.weight.to(x32.dtype), self.bias.to(x32.dtype), self.eps)
+        return y.to(x.dtype)
+
+
+def _norm(kind: HeadNorm, channels: int, virtual_batch_size: int) -> nn.Module:
+    if kind == "batch":
+        return BatchNormLocal(channels, virtual_batch_size=virtual_batch_size)
+    return SampleNorm(channels)
+
+
 class EqualizedLinear(nn.Module):
     """Linear layer with equalised learning rate (StyleGAN-T's conditioning map).
 
@@ -136,13 +198,9 @@ class EqualizedLinear(nn.Module):
         return F.linear(x, self.weight * self.gain, self.bias)
 
 
-def _block(channels: int, kernel_size: int, virtual_batch_size: int) -> nn.Sequential:
+def _block(channels: int, kernel_size: int, norm: HeadNorm, virtual_batch_size: int) -> nn.Sequential:
     conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
-    return nn.Sequential(
-        spectral_norm(conv),
-        BatchNormLocal(channels, virtual_batch_size=virtual_batch_size),
-        nn.LeakyReLU(0.2),
-    )
+    return nn.Sequential(spectral_norm(conv), _norm(norm, channels, virtual_batch_size), nn.LeakyReLU(0.2))
 
 
 class _Residual(nn.Module):
@@ -162,7 +220,11 @@ class DiscHead(nn.Module):
         c_dim: width of the conditioning vector, or ``None`` for an unconditional head.
         cmap_dim: projection width $d_{map}$ (StyleGAN-T: 64).
         kernel_size: kernel of the residual block (StyleGAN-T: 9, odd).
-        virtual_batch_size: group size of [`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal].
+        norm: ``"sample"`` ([`SampleNorm`][addkit.discriminators.heads.SampleNorm], default: no
+            coupling between samples) or ``"batch"``
+            ([`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal], StyleGAN-T's; see the
+            module notes).
+        virtual_batch_size: group size of ``norm="batch"``.
 
     Examples:
         >>> head = DiscHead(16, c_dim=8)
@@ -177,18 +239,21 @@ class DiscHead(nn.Module):
         c_dim: int | None = None,
         cmap_dim: int = 64,
         kernel_size: int = 9,
+        norm: HeadNorm = "sample",
         virtual_batch_size: int = 8,
     ) -> None:
         super().__init__()
+        check_choice("DiscHead", "norm", norm, ("sample", "batch"))
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"DiscHead: kernel_size must be a positive odd number, got {kernel_size}")
         self.channels = int(channels)
         self.c_dim = c_dim
         self.cmap_dim = int(cmap_dim)
         self.kernel_size = int(kernel_size)
+        self.norm = norm
         self.main = nn.Sequential(
-            _block(channels, 1, virtual_batch_size),
-            _Residual(_block(channels, kernel_size, virtual_batch_size)),
+            _block(channels, 1, norm, virtual_batch_size),
+            _Residual(_block(channels, kernel_size, norm, virtual_batch_size)),
         )
         out_channels = self.cmap_dim if c_dim else 1
         self.out = spectral_norm(nn.Conv1d(channels, out_channels, kernel_size=1))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from addkit._checks import check_floating
 from addkit.discriminators.clip import CLIPFeatures
-from addkit.discriminators.heads import DiscHead
+from addkit.discriminators.heads import DiscHead, HeadNorm
 from addkit.discriminators.vit import DINOv2Features
 from addkit.typing import FeatureNetwork
 
@@ -67,7 +67,11 @@ class ProjectedDiscriminator(nn.Module):
             ``None`` for none. Not applied in eval mode.
         cmap_dim: projection width (StyleGAN-T: 64).
         kernel_size: residual-block kernel of the heads (9).
-        virtual_batch_size: group size of the heads' local batch norm (8).
+        norm: the heads' normalisation, ``"sample"`` (default: each sample alone, so real and
+            fake may be scored in separate calls) or ``"batch"`` (StyleGAN-T's local batch norm;
+            see [`addkit.discriminators.heads`][addkit.discriminators.heads] for why it is not
+            the default).
+        virtual_batch_size: group size of ``norm="batch"`` (8).
 
     Raises:
         TypeError: if ``features`` has no ``channels``.
@@ -91,6 +95,7 @@ class ProjectedDiscriminator(nn.Module):
         augment: Callable[..., Tensor] | None = None,
         cmap_dim: int = 64,
         kernel_size: int = 9,
+        norm: HeadNorm = "sample",
         virtual_batch_size: int = 8,
     ) -> None:
         super().__init__()
@@ -114,6 +119,7 @@ class ProjectedDiscriminator(nn.Module):
                 c_dim=c_dim,
                 cmap_dim=cmap_dim,
                 kernel_size=kernel_size,
+                norm=norm,
                 virtual_batch_size=virtual_batch_size,
             )
             for c in features.channels

@@ -19,6 +19,7 @@ from addkit.losses.distillation import (
     distillation_weight,
     sample_distillation_timesteps,
 )
+from addkit.losses.health import ChanceWatch, discriminator_stats
 from addkit.losses.matching import (
     distribution_matching_loss,
     fake_score_loss,
@@ -41,6 +42,7 @@ from addkit.losses.regularizers import (
 
 __all__ = [
     "ApproximateR1",
+    "ChanceWatch",
     "Distance",
     "HeadLogits",
     "HingeDLoss",
@@ -56,6 +58,7 @@ __all__ = [
     "Weighting",
     "approximate_r1",
     "distillation_loss",
+    "discriminator_stats",
     "distillation_weight",
     "distribution_matching_loss",
     "fake_score_loss",

@@ -20,6 +20,7 @@ this package.
 
 from addkit.testing.host_reads import HostRead, HostReads, count_host_reads
 from addkit.testing.models import (
+    tiny_clip_visual,
     tiny_dinov2,
     tiny_dinov2_kwargs,
     tiny_flux_transformer,
@@ -41,6 +42,7 @@ __all__ = [
     "storage_counts",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
+    "tiny_clip_visual",
     "tiny_dinov2",
     "tiny_dinov2_kwargs",
     "tiny_flux_transformer",

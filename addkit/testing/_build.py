@@ -11,7 +11,7 @@ import torch
 
 TEXT_WIDTH = 16  # hidden size of each tiny CLIP text encoder
 POOLED_WIDTH = 16  # projection_dim of the tiny CLIP text encoder with projection
-_EXTRA = {"diffusers": "diffusers", "transformers": "diffusers", "tokenizers": "diffusers", "timm": "timm"}
+_EXTRA = {"diffusers": "diffusers", "transformers": "diffusers", "tokenizers": "diffusers", "timm": "timm", "open_clip": "clip"}
 
 
 def optional_import(module: str, fn: str) -> Any:

@@ -224,3 +224,29 @@ def tiny_dinov2_kwargs() -> dict[str, Any]:
         "resolution": _DINOV2_SIDE,
         "model_kwargs": dict(_DINOV2),
     }
+
+
+def tiny_clip_visual(*, seed: int = 0, image_size: int = 32, patch_size: int = 4, **kwargs: Any) -> torch.nn.Module:
+    """An open_clip ``VisionTransformer`` (CLIP's image tower): 4 blocks, width 48, random weights.
+
+    For [`CLIPFeatures`][addkit.discriminators.clip.CLIPFeatures]: at the defaults, 32-pixel
+    images give 8 × 8 tokens, the tiny world's grid.
+
+    Args:
+        seed: seed of the random weights.
+        image_size: input side.
+        patch_size: patch side.
+        **kwargs: overrides of the ``VisionTransformer`` arguments (``width``, ``layers``, ...).
+
+    Raises:
+        ModuleNotFoundError: without open_clip (``pip install 'addkit[clip]'``).
+
+    Examples:
+        >>> from addkit.discriminators import CLIPFeatures
+        >>> CLIPFeatures(tiny_clip_visual()).channels
+        [48, 48, 48, 48, 48]
+    """
+    transformer = optional_import("open_clip.transformer", "tiny_clip_visual")
+    config = {"width": 48, "layers": 4, "heads": 3, "mlp_ratio": 2.0, "output_dim": 16, **kwargs}
+    with seeded(seed):
+        return transformer.VisionTransformer(image_size=image_size, patch_size=patch_size, **config).eval()

@@ -1,4 +1,5 @@
-"""Heads: BatchNormLocal against a per-group reference, projection, spectral norm, R1 double backward."""
+"""Heads: BatchNormLocal against a per-group reference, SampleNorm against a per-sample loop, projection,
+spectral norm, R1 double backward."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from addkit.discriminators import BatchNormLocal, DiscHead, EqualizedLinear, projection_logits
+from addkit.discriminators import BatchNormLocal, DiscHead, EqualizedLinear, SampleNorm, projection_logits
 
 
 def _reference_bn(x: torch.Tensor, virtual_batch_size: int, eps: float = 1e-5) -> torch.Tensor:
@@ -89,6 +90,37 @@ def test_r1_double_backward_through_head(train: bool) -> None:
     grad.square().sum().backward()
     missing = [n for n, p in head.named_parameters() if p.grad is None]
     assert missing == ["out.bias"]  # the output bias does not depend on the features
+
+
+def test_samplenorm_matches_a_per_sample_loop() -> None:
+    x = torch.randn(5, 4, 7, dtype=torch.float64) * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None, None] + 2
+    norm = SampleNorm(4).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    rows = []
+    for sample in x:  # one mean and one biased variance per sample, over channels and tokens
+        mean = sample.sum() / sample.numel()
+        var = ((sample - mean) ** 2).sum() / sample.numel()
+        rows.append((sample - mean) / torch.sqrt(var + 1e-5) * norm.weight[:, None] + norm.bias[:, None])
+    torch.testing.assert_close(norm(x), torch.stack(rows))
+    assert list(norm.buffers()) == [] and norm(x.float().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("norm", ["sample", "batch"])
+def test_head_logits_of_a_sample_alone_or_in_a_batch(norm: str) -> None:
+    """SampleNorm heads score each sample alone; BatchNormLocal heads depend on the batch."""
+    head = DiscHead(8, c_dim=4, norm=norm).eval()
+    x, c = torch.randn(6, 8, 12), torch.randn(6, 4)
+    with torch.no_grad():
+        together = head(x, c)
+        alone = torch.cat([head(x[i : i + 1], c[i : i + 1]) for i in range(6)])
+    if norm == "sample":
+        torch.testing.assert_close(together, alone)
+    else:
+        assert not torch.allclose(together, alone, atol=1e-3)
+    with pytest.raises(ValueError, match="DiscHead: norm must be one of 'sample', 'batch'; got 'layer'"):
+        DiscHead(8, norm="layer")
 
 
 def test_head_under_bf16_autocast() -> None:
