@@ -38,7 +38,7 @@ from .train_supervised import train_classifier, train_image_encoder
 from .world import TRAIN, render, sample_batch
 
 STAGES = ("vae", "teacher", "vae_decoder", "image_encoder", "classifier", "scores")
-STEPS = {"vae": 600, "teacher": 5000, "vae_decoder": 800, "image_encoder": 1000, "classifier": 1200}
+STEPS = {"vae": 600, "teacher": 5000, "vae_decoder": 800, "image_encoder": 2000, "classifier": 1200}
 
 
 def _lr(step: int, steps: int, warmup: int) -> float:

@@ -64,7 +64,8 @@ def _patches(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2, lr: float = 1e-3,
-                        batch_size: int = 64, recon_weight: float = 1.0, phase1: nn.Module | None = None,
+                        batch_size: int = 64, recon_weight: float = 1.0, token_weight: float = 1.0,
+                        init_values: float = 1.0, phase1: nn.Module | None = None,
                         log=print) -> tuple[nn.Module, dict]:  # fmt: skip
     """The ViT with linear heads on its class token (attributes, the shape's centre) and a linear
     decoder on its patch tokens (each token's own pixels).
@@ -75,12 +76,13 @@ def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2
     Phase 1: ``steps`` at ``lr``; phase 2: fresh heads (seed + 100), ``finetune_steps`` at ``lr / 2``.
     ``phase1``: the ViT after phase 1 (skips it).
     """
-    vit = phase1 if phase1 is not None else M.vit(seed=seed, init_values=0.1)
+    vit = phase1 if phase1 is not None else M.vit(seed=seed, init_values=init_values)
     vit.train().requires_grad_(True)
     mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
     patch = M.VIT_KWARGS["patch_size"]
-    info: dict = {"steps": [steps, finetune_steps], "seed": seed, "recon_weight": recon_weight, "seconds": []}
+    info: dict = {"steps": [steps, finetune_steps], "seed": seed, "recon_weight": recon_weight,
+                  "token_weight": token_weight, "init_values": init_values, "seconds": []}
     for phase, (n, phase_seed, phase_lr) in enumerate(
         ((steps, seed, lr), (finetune_steps, seed + 100, lr / 2))
     ):
@@ -97,16 +99,24 @@ def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2
             tokens = vit.forward_features(((images + 1) / 2 - mean) / std)
             cls = vit.forward_head(tokens, pre_logits=True)
             out = {k: h(cls) for k, h in heads.items() if k != "pixels"}
-            out["pixels"] = heads["pixels"](tokens[:, vit.num_prefix_tokens :])
+            patches = tokens[:, vit.num_prefix_tokens :]
+            out["pixels"] = heads["pixels"](patches)
+            out["tokens"] = {k: heads[k](patches) for k in M.HEADS}  # [B, N, classes] each
             return out
 
         def forward(batch: Batch, predict=predict) -> torch.Tensor:
             out = predict(batch.images)
             recon = F.mse_loss(out["pixels"], _patches(batch.images, patch))
+            n = out["pixels"].shape[1]
+            per_token = sum(
+                F.cross_entropy(out["tokens"][k].flatten(0, 1), getattr(batch, k).repeat_interleave(n))
+                for k in M.HEADS
+            )
             return (
                 _attribute_loss(out, batch)
                 + 10 * F.mse_loss(out["centre"], batch.centre)
                 + recon_weight * recon
+                + token_weight * per_token
             )
 
         info["seconds"].append(_supervised(vit, heads, forward, n, phase_seed, phase_lr, batch_size, TRAIN,
@@ -116,7 +126,30 @@ def train_image_encoder(steps: int, *, finetune_steps: int = 1000, seed: int = 2
         info["accuracy"] = attribute_accuracy(predict)
         batch = render(list(TRAIN[:: max(1, len(TRAIN) // 256)]), torch.Generator().manual_seed(seed + 7))
         info["patch_mse"] = float(F.mse_loss(predict(batch.images)["pixels"], _patches(batch.images, patch)))
+        info["tap_cosine"] = tap_cosine(vit, batch.images)
+    if max(info["tap_cosine"][1:]) > MAX_TAP_COSINE:
+        raise RuntimeError(
+            f"image_encoder: a block tap is a near-copy of the patch embedding (cosine {info['tap_cosine']}, "
+            f"limit {MAX_TAP_COSINE}): its blocks barely change the tokens, and a discriminator on them "
+            "sees only 4x4-pixel patches; check LayerScale (init_values) and the per-token loss"
+        )
     return vit, info
+
+
+MAX_TAP_COSINE = 0.9
+"""A block tap's largest mean cosine to the patch embedding that the ViT stage accepts."""
+
+
+def tap_cosine(vit: nn.Module, images: torch.Tensor) -> list[float]:
+    """Mean cosine, per token, between each discriminator tap of ``vit`` and its patch embedding.
+
+    The taps are ``addkit.DINOv2Features``' defaults (embedding + every block for depth 4); the
+    first value is the embedding's own (1).
+    """
+    from addkit.discriminators import DINOv2Features
+
+    feats = DINOv2Features(vit)(images)
+    return [float(F.cosine_similarity(f, feats[0], dim=1).mean()) for f in feats]
 
 
 def train_classifier(steps: int, *, finetune_steps: int = 400, seed: int = 3, width: int = 24, lr: float = 2e-3,
