@@ -35,6 +35,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,11 +432,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     bar = tqdm(total=args.max_steps, initial=progress.step, disable=not acc.is_main_process, desc=args.model)
     last_checkpoint = None
+    watch = addkit.losses.ChanceWatch(patience=200)
     while progress.step < args.max_steps:
         step = progress.step + 1
         result = dmd_step(run) if run.fake is not None else train_step(run, step)
-        if step % args.log_every == 0:
+        if args.log_every and step % args.log_every == 0:
             acc.log(result.logs, step=step)
+            rank = result.logs.get("d/rank", result.logs.get("f/gan_rank"))
+            message = watch.update(step, float(rank)) if rank is not None else None
+            if message and acc.is_main_process:
+                warnings.warn(f"add_flow: {message}", stacklevel=1)
         bar.update(1)
         if progress.nonfinite_in_row >= args.max_nonfinite_in_row:
             bar.close()

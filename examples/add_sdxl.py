@@ -32,6 +32,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,8 @@ def _objective(args: argparse.Namespace, models: Any, disc: Any, fake: Any) -> A
             )
         return addkit.ADDObjective(
             addkit.wrap(models.teacher, models.schedule, models.prediction), disc, models.schedule,
-            lambda_distill=args.lambda_distill, weighting=args.weighting, space=args.distill_space,
+            lambda_distill=args.lambda_distill, adversarial_weight=args.adversarial_weight,
+            weighting=args.weighting, space=args.distill_space,
             decode=(lambda z: vae_decode(models.vae, z)) if args.discriminator == "dinov2" else None,
             guidance_scale=args.guidance_scale, adversarial_loss=args.adversarial_loss,
             r1_placement="features" if no_r1 else args.r1_placement, r1_gamma=0.0 if no_r1 else args.r1_gamma,
@@ -238,13 +240,14 @@ def train(args: argparse.Namespace) -> RunSummary:
     )
     last_checkpoint = state.resumed_from
     grid = None
+    watch = addkit.losses.ChanceWatch(patience=200)
     try:
         while progress.step < args.max_steps:
             step_started = time.perf_counter()
             result = _train_step(state, [next(state.data) for _ in range(dmd.micro_batches_per_step(args))])
             bar.update(1)
             if _due(result.step, args.log_every, None):
-                _log(state, result, bar, time.perf_counter() - step_started)
+                _log(state, result, bar, time.perf_counter() - step_started, watch)
             if progress.nonfinite_in_row >= args.max_nonfinite_in_row:
                 raise NonFiniteLossError(
                     f"stopping: {progress.nonfinite_in_row} steps in a row (up to step {result.step}) had a "
@@ -293,8 +296,9 @@ def _due(step: int, every: int, last: int | None) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
-def _log(state: RunState, result: StepResult, bar: Any, seconds: float) -> None:
-    """Write the step's scalars (one read of all logged tensors) and show a few on the bar."""
+def _log(state: RunState, result: StepResult, bar: Any, seconds: float, watch: Any) -> None:
+    """Write the step's scalars (one read of all logged tensors), show a few on the bar, and warn
+    once if the discriminator's paired ranking stays at chance (``addkit.losses.ChanceWatch``)."""
     names = list(result.logs)
     values = torch.stack([result.logs[k].float() for k in names]).tolist()
     scalars = dict(zip(names, values))
@@ -307,9 +311,13 @@ def _log(state: RunState, result: StepResult, bar: Any, seconds: float) -> None:
         * state.args.gradient_accumulation / seconds,
     })  # fmt: skip
     state.accelerator.log(scalars, step=result.step)
+    rank = scalars.get("d/rank", scalars.get("f/gan_rank"))
+    message = watch.update(result.step, rank) if rank is not None else None
+    if message and state.accelerator.is_main_process:
+        warnings.warn(f"add_sdxl: {message}", stacklevel=1)
     shown = {
         k.split("/")[-1]: f"{scalars[k]:.3g}"
-        for k in ("g/adv", "g/distill", "d/total", "g/dm", "f/denoise")
+        for k in ("g/adv", "g/distill", "d/total", "d/rank", "g/dm", "f/denoise", "f/gan_rank")
         if k in scalars
     }
     bar.set_postfix(shown, refresh=False)

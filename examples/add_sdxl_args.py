@@ -113,7 +113,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="shard the student with FSDP2 (fully_shard) over all processes; no EMA, LoRA or fp16")
 
     g = p.add_argument_group("objective (addkit.ADDObjective; unset options take the library's defaults)")
-    g.add_argument("--lambda-distill", type=number(0), default=2.5, help="ADD §4: 2.5")
+    g.add_argument("--lambda-distill", type=number(0), default=2.5, help="ADD §4: 2.5 (0: adversarial only)")
+    g.add_argument("--adversarial-weight", type=number(0), default=1.0,
+                   help="weight of the student's adversarial loss (0: distillation only; D still trains and logs)")
     g.add_argument("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
     g.add_argument("--distill-space", choices=("pixel", "latent"), default="pixel",
                    help="ADD: pixel (decoded by the VAE)")
@@ -191,8 +193,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 PRESETS = ("tiny", "random", "none")
 METHODS = ("add", "dmd2")
-ADD_ONLY = ("lambda_distill", "weighting", "distill_space", "adversarial_loss", "r1_placement", "r1_gamma",
-            "r1_interval", "discriminator", "teacher_taps", "augment")  # fmt: skip
+ADD_ONLY = ("lambda_distill", "adversarial_weight", "weighting", "distill_space", "adversarial_loss",
+            "r1_placement", "r1_gamma", "r1_interval", "discriminator", "teacher_taps", "augment")  # fmt: skip
 DMD2_ONLY = ("fake_steps", "lr_fake", "gan_weight", "gan_d_weight")
 
 
