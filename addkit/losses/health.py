@@ -111,7 +111,7 @@ class ChanceWatch:
         self.warned = False
 
     def update(self, step: int, rank: float) -> str | None:
-        """Record ``rank`` at ``step``; the warning text the first time chance has lasted ``patience`` steps."""
+        """Record ``rank`` at ``step``; the warning the first time chance has lasted ``patience`` steps."""
         if rank >= self.threshold:
             self._since = None
             return None

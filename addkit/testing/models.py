@@ -226,7 +226,9 @@ def tiny_dinov2_kwargs() -> dict[str, Any]:
     }
 
 
-def tiny_clip_visual(*, seed: int = 0, image_size: int = 32, patch_size: int = 4, **kwargs: Any) -> torch.nn.Module:
+def tiny_clip_visual(
+    *, seed: int = 0, image_size: int = 32, patch_size: int = 4, **kwargs: Any
+) -> torch.nn.Module:
     """An open_clip ``VisionTransformer`` (CLIP's image tower): 4 blocks, width 48, random weights.
 
     For [`CLIPFeatures`][addkit.discriminators.clip.CLIPFeatures]: at the defaults, 32-pixel

@@ -14,6 +14,8 @@ DEFAULTS: dict[str, object] = {
     "weight_decay": 1e-2,
     "max_grad_norm": 1.0,
     "lambda_distill": 2.5,
+    "adversarial_weight": 3.0,  # measured with the per-sample-normalised discriminator (docs/tiny_world.md)
+    "adversarial_loss": "non_saturating",
     "weighting": "exponential",
     "distill_space": "pixel",
     "ema_decay": 0.99,

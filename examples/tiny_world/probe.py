@@ -4,7 +4,8 @@ The changes are faults a distilled student makes across its whole batch: a brigh
 contrast change, a blur (``CHANGES``). Fake ``b`` is real ``b`` changed, with the same text and
 image conditioning, as in ADD's step. The discriminator trains through
 ``addkit.ADDObjective.discriminator_loss`` (hinge + R1 on the head inputs, Adam lr 1e-3,
-β = (0, 0.99): the recipe's settings), then is scored on 64 fresh pairs with
+β = (0, 0.99): the recipe's settings), then is scored (in eval mode: no augmentation) on 64
+fresh pairs with
 ``addkit.losses.discriminator_stats``: token sign accuracy (the mean of the real and fake
 accuracies), paired ranking and logit gap.
 
@@ -43,8 +44,9 @@ def blur(images: Tensor, sigma: float = 1.0) -> Tensor:
     """A separable Gaussian blur (5 taps, edges replicated) of images ``[B, 3, H, W]``."""
     k = torch.exp(-torch.arange(-2.0, 3.0).square() / (2 * sigma**2))
     k = (k / k.sum()).to(images)
-    x = F.conv2d(F.pad(images, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
-    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+    rows, cols = k.view(1, 1, 1, 5).expand(3, 1, 1, 5), k.view(1, 1, 5, 1).expand(3, 1, 5, 1)
+    x = F.conv2d(F.pad(images, (2, 2, 0, 0), mode="replicate"), rows, groups=3)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), cols, groups=3)
 
 
 def contrast(images: Tensor, factor: float = 0.6) -> Tensor:
@@ -167,8 +169,11 @@ def train_discriminator(
         loss.backward()
         opt.step()
     real, fake, cond = pair(64, torch.Generator().manual_seed(1000 + seed))
+    training = D.training
+    D.eval()  # scored without augmentation
     with torch.no_grad():
         stats = {k: float(v) for k, v in addkit.losses.discriminator_stats(*logits(real, fake, cond)).items()}
+    D.train(training)
     return {"accuracy": 0.5 * (stats["real_acc"] + stats["fake_acc"]), **stats}
 
 
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"rank {statistics.fmean(rank):.3f}", flush=True)  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"seeds": args.seeds, "torch": torch.__version__, **results}, indent=2) + "\n")
+        record = {"seeds": args.seeds, "torch": torch.__version__, **results}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
     return results
 
 

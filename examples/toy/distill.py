@@ -68,6 +68,7 @@ def make_discriminator(disc_net: Classifier, conditioned: bool, augment: str) ->
         c_text_dim=NUM_CLASSES if conditioned else None,
         c_image_dim=dim if conditioned else None,
         augment=DiffAugment(augment) if augment else None,
+        norm="batch",  # the study's numbers (docs/results.md) came from StyleGAN-T's heads
     )
 
 

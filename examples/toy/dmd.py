@@ -56,7 +56,8 @@ def _gan_head(fake_unet: nn.Module) -> ProjectedDiscriminator:
         return fake_unet(x_t, t, class_labels=class_labels)
 
     feats = TeacherFeatures(fake_unet, sched, ["mid_block"], channels=[channels], call=call, freeze=False)
-    return ProjectedDiscriminator(feats, virtual_batch_size=8)
+    # the study's numbers (docs/results.md) were measured with StyleGAN-T's heads
+    return ProjectedDiscriminator(feats, norm="batch", virtual_batch_size=8)
 
 
 def distill_dmd(

@@ -153,7 +153,8 @@ def ladd_discriminator(teacher: nn.Module, logit_mean: float = 1.0) -> Projected
     features = TeacherFeatures(
         teacher, schedule(), list(TEACHER_TAPS), channels=channels, logit_mean=logit_mean
     )
-    return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES)
+    # the study's numbers (docs/results.md) were measured with StyleGAN-T's heads
+    return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES, norm="batch")
 
 
 def distill_flow(
