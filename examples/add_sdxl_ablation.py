@@ -43,7 +43,7 @@ ROWS: dict[str, list[str]] = {
 }
 """The flags of each row, added to the recipe's default command."""
 
-METRICS = ("prompt_accuracy", "fd")
+METRICS = ("prompt_accuracy", "fd", "diversity")
 LOGGED = ("d/adv", "d/real_acc", "d/fake_acc", "d/rank", "d/gap", "g/adv", "g/distill", "f/gan_rank")
 """Scalars summarised from each run's TensorBoard log (means over each sixth of the run)."""
 
@@ -110,18 +110,21 @@ def summarise(reports: dict[str, list[dict]]) -> dict:
 def markdown(table: dict) -> str:
     """The table as Markdown: one row per method, accuracy and FD at 1 and 4 steps (mean ± std over seeds)."""
     lines = [
-        "| held-out captions | seeds | 1 step accuracy ↑ | 1 step FD ↓ | 4 steps accuracy ↑ | 4 steps FD ↓ |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| held-out captions | seeds | 1 step accuracy ↑ | 1 step FD ↓ | 1 step diversity "
+        "| 4 steps accuracy ↑ | 4 steps FD ↓ |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     t = table["teacher"]
     lines.append(f"| teacher (frozen) | – | {t['1']['prompt_accuracy']:.3f} | {t['1']['fd']:.2f} "
-                 f"| {t['4']['prompt_accuracy']:.3f} | {t['4']['fd']:.2f} |")  # fmt: skip
+                 f"| {t['1']['diversity']:.2f} | {t['4']['prompt_accuracy']:.3f} | {t['4']['fd']:.2f} |")  # fmt: skip
     for row, cells in table.items():
         if row in ("teacher", "logs"):
             continue
         parts = []
         for n in ("1", "4"):
             parts += [_cell(cells[n]["prompt_accuracy"]["values"], 3), _cell(cells[n]["fd"]["values"], 2)]
+            if n == "1":
+                parts.append(_cell(cells[n]["diversity"]["values"], 2))
         seeds = len(cells["1"]["fd"]["values"])
         lines.append(f"| {row} | {seeds} | " + " | ".join(parts) + " |")
     return "\n".join(lines)

@@ -45,5 +45,5 @@ def test_summary_is_mean_and_sample_std_over_seeds_and_cached_runs_are_read(tmp_
     assert table["both"]["1"]["fd"]["std"] == pytest.approx(statistics.stdev(fd))
     assert table["teacher"]["1"]["fd"] == 22.0
     text = ablation.markdown(table)
-    assert "| both | 3 | 0.600 ± 0.020 | 9.50 ± 0.50 |" in text
-    assert "| teacher (frozen) | – | 0.300 | 22.00 |" in text
+    assert "| both | 3 | 0.600 ± 0.020 | 9.50 ± 0.50 | 1.00 ± 0.00 |" in text
+    assert "| teacher (frozen) | – | 0.300 | 22.00 | 1.00 |" in text
