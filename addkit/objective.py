@@ -41,13 +41,13 @@ from addkit.losses.adversarial import (
     non_saturating_d_loss,
     non_saturating_g_loss,
 )
-from addkit.losses.health import discriminator_stats
 from addkit.losses.distillation import (
     Distance,
     Weighting,
     distillation_loss,
     sample_distillation_timesteps,
 )
+from addkit.losses.health import discriminator_stats
 from addkit.losses.regularizers import LazyRegularizer, R1Placement, R1Regularizer, r1_regularizer
 from addkit.typing import Discriminator, HeadLogits, Schedule, Teacher
 
@@ -97,10 +97,10 @@ class ADDObjective:
     models, reusing the decoded student image).
 
     **Discriminator loss.** Hinge (or non-saturating) on real and detached fake images in
-    two separate discriminator calls, plus $\gamma R_1$ on real images, every ``r1_interval`` steps scaled by the
-    interval. ``r1_placement="features"`` (ADD) differentiates w.r.t. the frozen features
-    fed to the heads; ``"images"`` is exact and runs the double backward through the
-    feature network under the math attention backend; ``"approximate"`` is APT's
+    two separate discriminator calls, plus $\gamma R_1$ on real images, every
+    ``r1_interval`` steps scaled by the interval. ``r1_placement="features"`` (ADD)
+    differentiates w.r.t. the frozen features fed to the heads; ``"images"`` is exact and
+    runs the double backward through the feature network under the math attention backend; ``"approximate"`` is APT's
     first-order penalty (default $\gamma = 100$, $\sigma = 0.01$). Each placement is a small
     object in [`addkit.losses.regularizers`][addkit.losses.regularizers]
     ([`R1Features`][addkit.losses.regularizers.R1Features],
@@ -131,11 +131,11 @@ class ADDObjective:
             ``None`` only with ``adversarial_weight=0``. Real and fake are scored in separate
             calls: a discriminator whose outputs depend on the rest of its batch (batch
             normalisation, e.g. ``ProjectedDiscriminator(norm="batch")``) cannot see a fault
-            that all fakes share; addkit's default heads normalise each sample alone. Under DDP, either wrap it and keep
-            its parameters' ``requires_grad`` fixed (DDP's reducer breaks when they are
-            toggled off for the generator step), or leave it unwrapped and average its
-            gradients yourself (what ``examples/add_sdxl.py`` does). R1 on features calls
-            ``extract`` on the wrapped module and the heads through ``forward(features=...)``.
+            that all fakes share; addkit's default heads normalise each sample alone. Under
+            DDP, either wrap it and keep its parameters' ``requires_grad`` fixed (DDP's
+            reducer breaks when they are toggled off for the generator step), or leave it
+            unwrapped and average its gradients yourself (what ``examples/add_sdxl.py``
+            does). R1 on features calls ``extract`` on the wrapped module and the heads through ``forward(features=...)``.
         schedule: the schedule of the student inputs and the teacher (any
             [`Schedule`][addkit.typing.Schedule]).
         lambda_distill: weight $\lambda$ of the distillation loss (ADD: 2.5); 0 turns it off.
