@@ -33,7 +33,7 @@ def _same_tensors(module: nn.Module) -> nn.Module:
 
 
 def default_taps(transformer: nn.Module, count: int = 4) -> list[str]:
-    """``count`` blocks evenly spaced over the depth, the last included (examples/add_flow_models.py)."""
+    """``count`` blocks evenly spaced over the depth, the last included (examples/recipe/flow/models.py)."""
     names = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
     names += [
         f"single_transformer_blocks.{i}"
@@ -111,7 +111,7 @@ def flow_setup(cfg: StepConfig) -> Callable[[Materializer], Setup]:
         )
 
         def prepare() -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor, Any]:
-            with torch.no_grad():  # examples/add_flow_models.py ``encode_images``
+            with torch.no_grad():  # examples/recipe/flow/models.py ``encode_images``
                 z = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=g).float()
                 x0 = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
             return x0, x0, cond, pooled, None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import add_flow_models as fm
+import recipe.flow.models as fm
 import addkit
 from addkit.sampling import sample
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 import addkit
-from add_sdxl_args import count, looks_local
-from add_sdxl_models import square_time_ids, vae_decode
-from add_sdxl_report import save_grid
+from recipe.args import count, looks_local
+from recipe.sdxl.models import square_time_ids, vae_decode
+from recipe.sdxl.report import save_grid
 from addkit.sampling import sample
 
 

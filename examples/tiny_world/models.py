@@ -90,7 +90,7 @@ HEADS = {
 
 @dataclass
 class TinyParts:
-    """The components ``StableDiffusionXLPipeline`` needs (same fields as ``add_sdxl_tiny.TinyParts``)."""
+    """The components ``StableDiffusionXLPipeline`` needs (same fields as ``recipe.sdxl.tiny.TinyParts``)."""
 
     unet: nn.Module
     vae: nn.Module

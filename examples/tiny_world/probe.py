@@ -73,7 +73,7 @@ class World:
 
     def condition(self, captions: list[str], images: Tensor) -> dict[str, Tensor]:
         """``c_text`` (pooled text ``[B, 32]``) and ``c_image`` (CLS ``[B, 48]``) of a batch."""
-        from add_sdxl_models import embed_images
+        from recipe.sdxl.models import embed_images
 
         with torch.no_grad():
             return {
@@ -83,7 +83,7 @@ class World:
 
     def latents(self, images: Tensor) -> Tensor:
         """VAE latents ``[B, 4, 8, 8]`` of images (what a teacher-feature discriminator reads)."""
-        from add_sdxl_models import vae_encode
+        from recipe.sdxl.models import vae_encode
 
         with torch.no_grad():
             return vae_encode(self.parts.vae, images)

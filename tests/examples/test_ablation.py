@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import add_sdxl_ablation as ablation
-from add_sdxl_args import parse_args
+from add_sdxl import parse_args
 
 
 def _report(acc1: float, fd1: float) -> dict:

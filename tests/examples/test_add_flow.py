@@ -32,8 +32,8 @@ pytest.importorskip("timm")
 pytest.importorskip("tensorboard")
 
 import add_flow  # examples/ is on pytest's pythonpath
-import add_flow_tiny as tiny
-import add_sdxl_checkpoint
+import recipe.flow.tiny as tiny
+import recipe.checkpoint
 import sample_flow
 from addkit import wrap
 from addkit.sampling import sample
@@ -92,10 +92,10 @@ def test_sd3_lora_ladd_run_writes_checkpoints_logs_grid(sd3_lora: Any) -> None:
     from PIL import Image
 
     out, summary = sd3_lora
-    assert summary["step"] == 4 and summary["nonfinite_total"] == 0
-    assert [p.name for p in add_sdxl_checkpoint.checkpoints(out)] == ["step-0000002", "step-0000004"]
+    assert summary.step == 4 and summary.nonfinite_total == 0
+    assert [p.name for p in recipe.checkpoint.checkpoints(out)] == ["step-0000002", "step-0000004"]
     folder = out / "checkpoints" / "step-0000004"
-    assert add_sdxl_checkpoint.problem(folder) is None  # complete, as its manifest says
+    assert recipe.checkpoint.problem(folder) is None  # complete, as its manifest says
     from safetensors.torch import load_file
 
     saved = load_file(folder / add_flow.MODEL_FILE)  # the adapters only, not the base again
@@ -132,9 +132,9 @@ def test_sd3_lora_export_loads_and_samples_like_addkit(sd3_lora: Any, tmp_path: 
     assert pipe.scheduler.config.stochastic_sampling  # ADD's fresh re-noising
     base = tiny.pipeline("sd3")  # the same seed: the student's base
     base.load_lora_weights(out / "export" / "lora")
-    ema = summary["ema"]
+    ema = summary.ema
     assert ema is not None
-    schedule = summary["models"].schedule
+    schedule = summary.models.schedule
     latents = torch.randn(1, 4, tiny.RESOLUTION // 2, tiny.RESOLUTION // 2)
     cond = {"encoder_hidden_states": torch.randn(1, 7, 32), "pooled_projections": torch.randn(1, 32)}
     fused, lora = (wrap(p.transformer, schedule, "flow") for p in (pipe, base))
@@ -214,14 +214,14 @@ def test_flux_full_add_on_teacher_data_exports_a_flux_pipeline(flux_full: Any, t
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     out, summary = flux_full
-    assert summary["step"] == 2 and summary["nonfinite_total"] == 0
-    assert summary["models"].guidance == 3.5  # the guidance-distilled teacher and student take it
+    assert summary.step == 2 and summary.nonfinite_total == 0
+    assert summary.models.guidance == 3.5  # the guidance-distilled teacher and student take it
     tags = scalars(out / "logs")
     assert "g/distill" in tags and "g/adv" in tags  # ADD: adversarial + distillation
     pipe = FluxPipeline.from_pretrained(out / "export")
-    assert_same_weights(pipe.transformer, summary["student"])
+    assert_same_weights(pipe.transformer, summary.student)
     assert_same_weights(
-        FluxTransformer2DModel.from_pretrained(out / "export" / "transformer"), summary["student"]
+        FluxTransformer2DModel.from_pretrained(out / "export" / "transformer"), summary.student
     )
     latents = FluxPipeline._pack_latents(torch.randn(1, 4, 16, 16), 1, 4, 16, 16)
     images = pipe("a cat", num_inference_steps=1, latents=latents, output_type="np", **SIZE).images
@@ -268,7 +268,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_after_k_in_a_row(tmp_path:
     ):
         run(tmp_path, *argv)
     ckpt = tmp_path / "checkpoints"
-    assert [p.name for p in add_sdxl_checkpoint.checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
+    assert [p.name for p in recipe.checkpoint.checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
     progress = json.loads((ckpt / "step-0000002" / "progress.json").read_text())
     assert progress == {"step": 2, "samples": 4, "nonfinite_total": 1, "nonfinite_in_row": 1}
     before, after = (load_file(ckpt / f"step-000000{i}" / add_flow.MODEL_FILE) for i in (1, 2))
@@ -308,7 +308,7 @@ def test_two_processes_with_accelerate_launch(tmp_path: Path) -> None:
     launch = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
     proc = _launch(tmp_path, launch, ["--model", "flux", "--lora-rank", "4", "--max-steps", "2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [p.name for p in add_sdxl_checkpoint.checkpoints(tmp_path)] == ["step-0000002"]
+    assert [p.name for p in recipe.checkpoint.checkpoints(tmp_path)] == ["step-0000002"]
     assert (tmp_path / "checkpoints" / "step-0000002" / "random_states_1.pkl").is_file()
     assert (tmp_path / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -355,7 +355,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crash", *argv)
     monkeypatch.setattr(accelerate.Accelerator, "save_state", original)
-    assert [p.name for p in add_sdxl_checkpoint.checkpoints(tmp_path / "crash")] == ["step-0000001"]
+    assert [p.name for p in recipe.checkpoint.checkpoints(tmp_path / "crash")] == ["step-0000001"]
     resumed = run(tmp_path / "crash", *argv, "--resume", "latest")
     assert resumed["step"] == 2
     assert_same_weights(resumed["student"], reference["student"])
@@ -383,5 +383,5 @@ def test_each_flag_runs(name: str, tmp_path: Path) -> None:
     summary = run(
         tmp_path, *FLAGS[name].split(), "--max-steps", "2", "--sample-every", "2", "--no-export-pipeline"
     )
-    assert summary["step"] == 2 and summary["nonfinite_total"] == 0
+    assert summary.step == 2 and summary.nonfinite_total == 0
     assert (tmp_path / "samples" / "step-0000002.png").is_file()

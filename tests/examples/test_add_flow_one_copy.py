@@ -23,7 +23,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import add_flow  # examples/ is on pytest's pythonpath
-import add_flow_tiny as tiny
+import recipe.flow.tiny as tiny
 from addkit.denoisers import AdaptersDisabled, adapters_disabled, wrap
 from addkit.schedules import FlowSchedule
 from addkit.testing import randomize_lora, storage_counts

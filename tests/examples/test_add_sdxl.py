@@ -20,7 +20,7 @@ pytest.importorskip("timm")
 pytest.importorskip("tensorboard")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-import add_sdxl_data
+import recipe.data
 import sample_sdxl
 
 FAST = ["--preset", "random", "--grid-seeds", "0", "--diversity-seeds", "2"]  # as conftest.recipe_run
@@ -206,28 +206,28 @@ def _image(path: Path) -> None:
 
 
 def test_empty_folder_names_the_folder(tmp_path):
-    with pytest.raises(add_sdxl_data.DataError, match=f"no images .* {tmp_path}"):
-        add_sdxl_data.load_records(str(tmp_path))
+    with pytest.raises(recipe.data.DataError, match=f"no images .* {tmp_path}"):
+        recipe.data.load_records(str(tmp_path))
 
 
 def test_missing_caption_names_the_image(tmp_path):
     _image(tmp_path / "a.png")
-    with pytest.raises(add_sdxl_data.DataError, match=r"missing caption file .*a\.txt .*a\.png"):
-        add_sdxl_data.load_records(str(tmp_path))
+    with pytest.raises(recipe.data.DataError, match=r"missing caption file .*a\.txt .*a\.png"):
+        recipe.data.load_records(str(tmp_path))
 
 
 def test_empty_caption_names_the_caption_file(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("  \n")
-    with pytest.raises(add_sdxl_data.DataError, match=r"empty or missing caption .*a\.txt"):
-        add_sdxl_data.load_records(str(tmp_path))
+    with pytest.raises(recipe.data.DataError, match=r"empty or missing caption .*a\.txt"):
+        recipe.data.load_records(str(tmp_path))
 
 
 def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     (tmp_path / "bad.txt").write_text("a caption")
-    dataset = add_sdxl_data.ImageCaptionDataset(add_sdxl_data.load_records(str(tmp_path)), 16)
-    with pytest.raises(add_sdxl_data.DataError, match=r"cannot read the image .*bad\.png"):
+    dataset = recipe.data.ImageCaptionDataset(recipe.data.load_records(str(tmp_path)), 16)
+    with pytest.raises(recipe.data.DataError, match=r"cannot read the image .*bad\.png"):
         dataset[0]
 
 
@@ -235,31 +235,31 @@ def test_manifest_rows_and_errors(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "text": "red"}\n')
     (tmp_path / "m.csv").write_text("file_name,caption\na.png,red\nmissing.png,blue\n")
-    records = add_sdxl_data.load_records(str(tmp_path / "m.jsonl"))
-    item = add_sdxl_data.ImageCaptionDataset(records, 16)[0]
+    records = recipe.data.load_records(str(tmp_path / "m.jsonl"))
+    item = recipe.data.ImageCaptionDataset(records, 16)[0]
     assert item["pixels"].shape == (3, 16, 16) and item["caption"] == "red"
     assert item["original_size"].tolist() == [30, 40]
     with pytest.raises(
-        add_sdxl_data.DataError, match=r"m\.csv:3: the image file .*missing\.png does not exist"
+        recipe.data.DataError, match=r"m\.csv:3: the image file .*missing\.png does not exist"
     ):
-        add_sdxl_data.load_records(str(tmp_path / "m.csv"))
+        recipe.data.load_records(str(tmp_path / "m.csv"))
     (tmp_path / "n.jsonl").write_text('{"picture": "a.png", "text": "red"}\n')
-    with pytest.raises(add_sdxl_data.DataError, match=r"n\.jsonl:1: no image column"):
-        add_sdxl_data.load_records(str(tmp_path / "n.jsonl"))
+    with pytest.raises(recipe.data.DataError, match=r"n\.jsonl:1: no image column"):
+        recipe.data.load_records(str(tmp_path / "n.jsonl"))
 
 
 def test_bad_data_stops_the_script_with_the_file_named(tmp_path):
     (tmp_path / "data").mkdir()
-    with pytest.raises(add_sdxl_data.DataError, match="no images"):
+    with pytest.raises(recipe.data.DataError, match="no images"):
         run(tmp_path / "out", "--data", str(tmp_path / "data"), "--max-steps", "1")
 
 
 def test_stream_sampler_resumes_and_shards():
-    full = add_sdxl_data.StreamSampler(5, seed=3)
+    full = recipe.data.StreamSampler(5, seed=3)
     stream = [i for i, _ in zip(iter(full), range(12))]
     assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
-    resumed = add_sdxl_data.StreamSampler(5, seed=3, start=7)
+    resumed = recipe.data.StreamSampler(5, seed=3, start=7)
     assert [i for i, _ in zip(iter(resumed), range(5))] == stream[7:12]
-    ranks = [add_sdxl_data.StreamSampler(5, seed=3, rank=r, world=2) for r in (0, 1)]
+    ranks = [recipe.data.StreamSampler(5, seed=3, rank=r, world=2) for r in (0, 1)]
     shards = [[i for i, _ in zip(iter(s), range(6))] for s in ranks]
     assert shards[0] == stream[0:12:2] and shards[1] == stream[1:12:2]

@@ -24,10 +24,11 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-import add_sdxl_random as random_preset
-from add_sdxl_args import check_paths, parse_args
-from add_sdxl_models import square_time_ids, unet_features
-from add_sdxl_report import export, teacher_apart
+import recipe.sdxl.random as random_preset
+from recipe.args import check_paths
+from add_sdxl import parse_args
+from recipe.sdxl.models import square_time_ids, unet_features
+from recipe.sdxl.report import export, teacher_apart
 from addkit.denoisers import AdaptersDisabled, wrap
 from addkit.testing import randomize_lora, storage_counts
 

@@ -16,8 +16,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-from add_sdxl_args import RecipeError
-from add_sdxl_checkpoint import expected_files, problem, resolve_resume
+from recipe.args import RecipeError
+from recipe.checkpoint import expected_files, problem, resolve_resume
 
 
 @pytest.fixture

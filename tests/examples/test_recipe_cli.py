@@ -19,7 +19,9 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-from add_sdxl_args import RecipeError, check_paths, parse_args
+from recipe.args import RecipeError, check_paths
+from add_sdxl import parse_args
+from recipe import loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,18 +86,18 @@ def test_bad_flags_are_refused_when_parsed_naming_the_flag(argv, message, capsys
 def test_zero_means_never_and_the_library_defaults_stay_unset(tmp_path):
     args = parse_args(["--checkpoint-every", "0", "--log-every", "0", "--sample-every", "0"])
     assert (args.checkpoint_every, args.log_every, args.sample_every) == (0, 0, 0)
-    assert add_sdxl._due(5, 0, 5) is False and add_sdxl._due(4, 2, 5) and add_sdxl._due(5, 2, 5)
+    assert loop._due(5, 0, 5) is False and loop._due(4, 2, 5) and loop._due(5, 2, 5)
     args = parse_args([])
     assert args.r1_gamma is None and args.student_timesteps is None  # the library decides
 
 
 @pytest.mark.parametrize(("placement", "gamma"), [("features", 1e-5), ("approximate", 100.0), ("none", 0.0)])
 def test_r1_gamma_defaults_to_the_placements_own(placement, gamma, tmp_path):
-    from add_sdxl_models import build_discriminator, load_models
+    from recipe.sdxl.models import build_discriminator, load_models
 
     args = parse_args(["--output-dir", str(tmp_path), "--r1-placement", placement])
     models = load_models(args)
-    objective = add_sdxl._objective(args, models, build_discriminator(args, models), None)
+    objective = loop._objective(add_sdxl.SDXL, args, models, build_discriminator(args, models), None)
     assert objective.r1_gamma == gamma
     assert objective.student_timesteps.tolist() == [999, 749, 499, 249]
 

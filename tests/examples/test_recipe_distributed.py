@@ -22,7 +22,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("timm")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-import add_sdxl_random
+import recipe.sdxl.random
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +63,7 @@ def test_two_processes_skip_a_nan_that_only_one_of_them_sees(tmp_path):
     assert progress(first) == {"step": 1, "samples": 4, "nonfinite_total": 1, "nonfinite_in_row": 1}
     # had rank 1 stepped on its NaN gradients, its NaN weights would have made step 2 non-finite too
     assert progress(second) == {"step": 2, "samples": 8, "nonfinite_total": 1, "nonfinite_in_row": 0}
-    initial = add_sdxl_random.build_parts(0).unet.state_dict()
+    initial = recipe.sdxl.random.build_parts(0).unet.state_dict()
     after_1, after_2 = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert all(torch.equal(after_1[k], initial[k]) for k in initial)  # rank 0 skipped too
     assert all(torch.isfinite(v).all() for v in after_2.values())

@@ -18,10 +18,11 @@ pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-import add_sdxl_dmd as dmd
-from add_sdxl_args import RecipeError, check_paths, parse_args
-from add_sdxl_checkpoint import MANIFEST, check_compatible, layout, load_checkpoint, save_checkpoint
-from add_sdxl_step import RunState
+import recipe.dmd as dmd
+from recipe.args import RecipeError, check_paths
+from add_sdxl import parse_args
+from recipe.checkpoint import MANIFEST, check_compatible, layout, load_checkpoint, save_checkpoint
+from recipe.step import RunState
 from addkit.testing import count_host_reads
 
 DMD2 = ["--method", "dmd2", "--fake-steps", "2"]
@@ -169,5 +170,5 @@ def test_flow_recipe_dmd2_runs_on_its_tiny_preset(tmp_path):
     out = add_flow.main(
         [*argv, "--output-dir", str(tmp_path), "--sample-every", "0", "--checkpoint-every", "2"]
     )
-    assert out["step"] == 2 and out["nonfinite_total"] == 0
-    assert (out["checkpoint"] / "fake_score.pt").is_file()
+    assert out.step == 2 and out.nonfinite_total == 0
+    assert (out.checkpoint / "fake_score.pt").is_file()

@@ -19,9 +19,10 @@ pytest.importorskip("accelerate")
 pytest.importorskip("timm")
 
 import add_sdxl  # examples/ is on pytest's pythonpath
-from add_sdxl_args import RecipeError, check_paths, parse_args
-from add_sdxl_checkpoint import checkpoints, resolve_resume, save_checkpoint
-from add_sdxl_step import RunState, train_step
+from recipe.args import RecipeError, check_paths
+from add_sdxl import parse_args
+from recipe.checkpoint import checkpoints, resolve_resume, save_checkpoint
+from recipe.step import RunState, train_step
 from addkit.testing import count_host_reads
 
 
@@ -59,7 +60,7 @@ def test_one_host_read_per_optimiser_step(reference):
     _, _, reads = reference
     for counted in reads:
         assert counted.count == 1, counted.summary()
-        assert counted.reads[0].method == "__bool__" and "add_sdxl_step.py" in counted.reads[0].where
+        assert counted.reads[0].method == "__bool__" and "recipe/step.py" in counted.reads[0].where
 
 
 @pytest.mark.slow
@@ -121,7 +122,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(reference, tmp_pa
 
 def test_vae_with_force_upcast_stays_float32_under_fp16(tmp_path):
     """The SDXL VAE overflows in float16: like the diffusers pipelines, keep it in float32."""
-    from add_sdxl_models import load_models, place_models, vae_decode, vae_encode
+    from recipe.sdxl.models import load_models, place_models, vae_decode, vae_encode
 
     args = parse_args(["--preset", "random", "--output-dir", str(tmp_path)])
     models = load_models(args)
@@ -140,7 +141,7 @@ def test_vae_with_force_upcast_stays_float32_under_fp16(tmp_path):
 
 
 def test_sdxl_time_ids_are_original_crop_target():
-    from add_sdxl_models import sdxl_time_ids, square_time_ids
+    from recipe.sdxl.models import sdxl_time_ids, square_time_ids
 
     ids = sdxl_time_ids(torch.tensor([[30, 40], [64, 64]]), torch.tensor([[3, 5], [0, 0]]), 32)
     assert ids.dtype == torch.float32
@@ -151,7 +152,7 @@ def test_sdxl_time_ids_are_original_crop_target():
 def test_grid_rows_and_columns(tmp_path):
     from PIL import Image
 
-    from add_sdxl_report import save_grid
+    from recipe.sdxl.report import save_grid
 
     images = torch.stack([torch.full((3, 4, 5), v) for v in (-1.0, 1.0, 0.0, -1.0)])  # 2 rows x 2 columns
     grid = torch.from_numpy(__import__("numpy").array(Image.open(save_grid(tmp_path / "g.png", images, 2))))

@@ -22,7 +22,7 @@ pytest.importorskip("timm")
 
 import add_sdxl
 import tiny_world
-from add_sdxl_args import parse_args
+from add_sdxl import parse_args
 
 METRICS = {"prompt_accuracy", "fd", "diversity"}
 

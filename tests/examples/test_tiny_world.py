@@ -222,7 +222,8 @@ def test_grid_layout() -> None:
 
 
 def test_defaults_are_recipe_arguments() -> None:
-    from add_sdxl_args import build_parser
+    from recipe.args import build_parser
+    from recipe.sdxl.family import SDXL
 
-    dests = {action.dest for action in build_parser()._actions}
+    dests = {action.dest for action in build_parser(SDXL)._actions}
     assert set(tiny_world.DEFAULTS) <= dests, set(tiny_world.DEFAULTS) - dests

@@ -2,7 +2,7 @@
 
 ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (``FlowMatchEulerDiscreteScheduler``, no
 classifier-free guidance, the same latents) on the tiny random models of
-``examples/add_flow_tiny.py``, 1 to 4 steps, to 1e-4: the SD3 pipeline's own timesteps
+``examples/recipe/flow/tiny.py``, 1 to 4 steps, to 1e-4: the SD3 pipeline's own timesteps
 (``FlowSchedule.timesteps(n, "linspace")``) and ADD's trailing ones passed as ``sigmas``; Flux's
 trailing timesteps with its resolution-dependent shift, with and without the guidance
 embedding. The Flux adapter is checked against the transformer called by hand on packed
@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-import add_flow_tiny as tiny  # examples/ is on pytest's pythonpath
+import recipe.flow.tiny as tiny  # examples/ is on pytest's pythonpath
 from addkit.denoisers import DiffusersFluxAdapter, wrap
 from addkit.sampling import renoise_coefficients, sample
 from addkit.schedules import FlowSchedule, VPSchedule

@@ -1,6 +1,6 @@
 """Training data of ``add_flow.py``: image-caption pairs (real data) or captions alone (teacher data).
 
-Real data is read by the SDXL recipe's data module, ``add_sdxl_data`` (an image folder with
+Real data is read by the SDXL recipe's data module, ``recipe.data`` (an image folder with
 ``.txt`` captions, a ``.jsonl``/``.csv`` manifest, or a Hugging Face dataset; resized and
 centre-cropped; its resumable ``StreamSampler``). With ``--data-source teacher`` (LADD's
 synthetic data) only the captions are read, from the same sources or from a ``.txt`` file with
@@ -14,8 +14,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-import add_sdxl_data as sdxl_data
-from add_sdxl_data import DataError, StreamSampler
+import recipe.data as sdxl_data
+from recipe.data import DataError, StreamSampler
 
 __all__ = ["DataError", "PromptDataset", "StreamSampler", "load_dataset"]
 

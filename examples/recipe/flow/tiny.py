@@ -15,7 +15,7 @@ Built offline from small configs (nothing is downloaded), with the networks of
 
 Tokenizers are character-level (CLIP's from ``addkit.testing``, T5's a Unigram over single
 characters built in memory), so any caption tokenizes. The preset checks the plumbing, not
-image quality. The image-caption folder is the SDXL preset's (``add_sdxl_tiny.make_dataset``).
+image quality. The image-caption folder is the SDXL preset's (``recipe.sdxl.tiny.make_dataset``).
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import add_sdxl_fsdp as fsdp
-from add_sdxl_args import RecipeError
+import recipe.fsdp as fsdp
+from recipe.args import RecipeError
 
 if TYPE_CHECKING:
-    from add_sdxl_step import RunState
+    from recipe.step import RunState
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"

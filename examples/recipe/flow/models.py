@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import add_flow_tiny as tiny
+import recipe.flow.tiny as tiny
 import addkit
-from add_sdxl_args import RecipeError
+from recipe.args import RecipeError
 from addkit.denoisers import AdaptersDisabled
 
 FAMILIES = ("sd3", "flux")
@@ -46,6 +46,8 @@ class FlowModels:
     teacher: nn.Module  # AdaptersDisabled(student) with LoRA; the frozen base otherwise
     schedule: addkit.FlowSchedule
     guidance: float | None  # the guidance-embedding scale of a guidance-distilled Flux
+
+    prediction: str = "flow"  # what the transformers predict (addkit.wrap's prediction)
 
     @property
     def transformer(self) -> nn.Module:
@@ -229,7 +231,7 @@ def build_discriminator(
                 logit_std=args.disc_logit_std,
             )
             return addkit.ProjectedDiscriminator(features, c_text_dim=models.pooled_dim)
-        augment = addkit.DiffAugment()
+        augment = addkit.DiffAugment() if args.augment else None
         if args.preset == "tiny":
             from addkit.testing import tiny_dinov2_kwargs
 

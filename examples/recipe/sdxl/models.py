@@ -8,7 +8,7 @@ With ``--lora-rank r`` the UNet gets a LoRA adapter and *is* the student; the te
 distillation target, LADD's feature network, the tiny preset's scores) is the same module with
 its adapters disabled (``addkit.denoisers.AdaptersDisabled``), so the UNet's weights are held
 once. A full fine-tune trains a copy. ``--method dmd2`` with LoRA keeps the student a LoRA on a
-copy: its fake score is a second adapter on the teacher's UNet (see ``add_sdxl_dmd.py``).
+copy: its fake score is a second adapter on the teacher's UNet (see ``recipe/dmd.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import add_sdxl_random as random_preset
+import recipe.sdxl.random as random_preset
 import addkit
 import tiny_world
-from add_sdxl_args import RecipeError
+from recipe.args import RecipeError
 from addkit.denoisers import AdaptersDisabled
 
 

@@ -1,4 +1,4 @@
-"""``add_flow.py --method dmd2``: the flow recipe's DMD2 parts (the step itself is ``add_sdxl_dmd``'s).
+"""``add_flow.py --method dmd2``: the flow recipe's DMD2 parts (the step itself is ``recipe.dmd``'s).
 
 The fake score is a trainable copy of the teacher transformer (a LoRA fake score, which would
 share the teacher's weights, is not offered here: the LoRA student already switches adapters on
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-import add_flow_models as fm
-import add_sdxl_dmd as dmd
+import recipe.flow.models as fm
+import recipe.dmd as dmd
 import addkit
 
 
@@ -53,14 +53,14 @@ def gan_head(
 def inputs(run: Any, batch: dict[str, Any]) -> dmd.Inputs:
     """Captions to conditioning, fresh noise, and (with a head) the real images' latents."""
     args, models, device = run.args, run.models, run.accelerator.device
-    cond, pooled = run.prompts(batch["caption"])
+    cond, pooled = run.text(batch["caption"])
     real = None
     if run.objective.gan_head is not None:
         with torch.no_grad():
             real = fm.encode_images(models.pipe.vae, batch["pixels"].to(device))
     side = args.resolution // models.pipe.vae_scale_factor
     shape = (len(batch["caption"]), models.pipe.vae.config.latent_channels, side, side)
-    uncond = fm.unconditional(run.prompts, cond) if args.guidance_scale != 1.0 else None
+    uncond = fm.unconditional(run.text, cond) if args.guidance_scale != 1.0 else None
     return dmd.Inputs(
         noise=torch.randn(shape, device=device),
         cond=cond,

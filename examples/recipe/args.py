@@ -1,4 +1,8 @@
-"""The command line of ``add_sdxl.py``: flags, their checks, and the paths checked before any model loads.
+"""The recipes' command line: the shared flags, their checks, and the paths checked before any model loads.
+
+`build_parser` declares the flags every family shares; a `recipe.family.Family` adds its own
+(``add_flags``), gives unset options their values (``defaults``) and refuses what it cannot run
+(``conflicts``).
 
 Every flag is checked when it is parsed (argparse names the flag in one line): counts are
 integers with a lower bound, ``0`` means "never" where it says so (``--sample-every``,
@@ -15,7 +19,10 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from recipe.family import Family
 
 R1_PLACEMENTS = ("features", "images", "approximate", "none")
 ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
@@ -77,31 +84,30 @@ def injection(text: str) -> tuple[int, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The parser
+# The parser: the flags every family shares, then the family's own
 # ---------------------------------------------------------------------------------------------
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+def build_parser(family: Family, description: str = "") -> argparse.ArgumentParser:
+    """The command line of ``family``'s recipe: the shared flags, then ``family.add_flags``."""
     p = argparse.ArgumentParser(
-        prog="add_sdxl.py", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=f"{family.name}.py", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     # fmt: off
     g = p.add_argument_group("models and data")
-    g.add_argument("--preset", choices=PRESETS, default=None,
-                   help="tiny: the tiny world's pretrained SDXL-architecture teacher, distilled and scored "
-                        "(default without --pretrained); random: random-weight models (plumbing checks)")
-    g.add_argument("--pretrained", help="diffusers SDXL / SD 1.x / SD 2.x checkpoint (hub id or folder)")
+    g.add_argument("--preset", choices=family.presets, default=None,
+                   help="a built-in world (the default without --pretrained; see the family's presets); "
+                        "none: a real run with --pretrained and --data")
+    g.add_argument("--pretrained", help="diffusers checkpoint (hub id or folder)")
     g.add_argument("--revision", default=None)
-    g.add_argument("--output-dir", default="outputs/add_sdxl")
+    g.add_argument("--output-dir", default=None, help=f"default outputs/{family.name}")
     g.add_argument("--data", help="image+txt folder, .jsonl/.csv manifest, or a datasets name/path")
     g.add_argument("--split", default="train")
     g.add_argument("--image-column", default=None)
     g.add_argument("--caption-column", default=None)
-    g.add_argument("--resolution", type=count(8), default=None,
-                   help="training side in pixels (default: 1024 SDXL, 512 SD, 32 tiny and random)")
+    g.add_argument("--resolution", type=count(8), default=None, help="training side in pixels")
     g.add_argument("--num-workers", type=count(0), default=0)
-
     g.add_argument("--method", choices=METHODS, default="add",
-                   help="add: ADD (ADDObjective, a DINOv2 or teacher-feature discriminator); dmd2: DMD2 "
-                        "(DMDObjective: a fake score initialised from the teacher; real images feed only its GAN head)")
+                   help="add: ADD / LADD (ADDObjective); dmd2: DMD2 (DMDObjective: a fake score initialised "
+                        "from the teacher; real images feed only its GAN head)")
 
     g = p.add_argument_group("student and precision")
     g.add_argument("--lora-rank", type=count(0, "0 = train the full student"), default=0,
@@ -113,14 +119,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="shard the student with FSDP2 (fully_shard) over all processes; no EMA, LoRA or fp16")
 
     g = p.add_argument_group("objective (addkit.ADDObjective; unset options take the library's defaults)")
-    g.add_argument("--lambda-distill", type=number(0), default=2.5, help="ADD §4: 2.5 (0: adversarial only)")
+    g.add_argument("--lambda-distill", type=number(0), default=None,
+                   help="distillation weight (ADD §4: 2.5; LADD: 0 = adversarial only)")
     g.add_argument("--adversarial-weight", type=number(0), default=1.0,
                    help="weight of the student's adversarial loss (0: distillation only; D still trains and logs)")
     g.add_argument("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
-    g.add_argument("--distill-space", choices=("pixel", "latent"), default="pixel",
-                   help="ADD: pixel (decoded by the VAE)")
+    g.add_argument("--distill-space", choices=("pixel", "latent"), default=None,
+                   help="where the distillation loss compares (ADD: pixel, decoded by the VAE)")
     g.add_argument("--guidance-scale", type=number(0), default=1.0,
-                   help="teacher CFG in the distillation loss (1 = off)")
+                   help="teacher CFG in the distillation loss, or the real score's with --method dmd2 (1 = off)")
     g.add_argument("--negative-prompt", help="NFSD's negative prompt (--weighting nfsd)",
                    default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark")
     g.add_argument("--adversarial-loss", choices=ADVERSARIAL_LOSSES, default="hinge")
@@ -128,8 +135,6 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--r1-gamma", type=number(0), default=None,
                    help="R1 weight (default: the placement's, 1e-5 features/images, 100 approximate)")
     g.add_argument("--r1-interval", type=count(1), default=1)
-    g.add_argument("--student-timesteps", type=count(0), nargs="+", default=None,
-                   help="default: the schedule's 4 trailing timesteps (999 749 499 249)")
 
     g = p.add_argument_group("DMD2 (--method dmd2: addkit.DMDObjective, see docs/dmd.md)")
     g.add_argument("--fake-steps", type=count(1), default=5,
@@ -142,25 +147,21 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="GAN head's discriminator weight in the fake-score loss")
 
     g = p.add_argument_group("discriminator")
-    g.add_argument("--discriminator", choices=("dinov2", "teacher"), default="dinov2",
+    g.add_argument("--discriminator", choices=("dinov2", "teacher"), default=None,
                    help="dinov2: ADD's DINOv2 on decoded images; teacher: LADD's teacher features on latents")
     g.add_argument("--dinov2", default="vit_small_patch14_dinov2.lvd142m", help="timm name (ADD: ViT-S/14)")
     g.add_argument("--dinov2-weights", default=None, help="local weights file for --dinov2 (offline)")
     g.add_argument("--dinov2-resolution", type=count(14), default=224)
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="DiffAugment on the discriminator's inputs (default: on; off for tiny)")
-    g.add_argument("--image-encoder", default="vit_large_patch14_dinov2.lvd142m",
-                   help="timm model for the image conditioning (ADD: DINOv2 ViT-L CLS), or 'none'")
-    g.add_argument("--teacher-taps", nargs="+", default=None, help="UNet blocks for --discriminator teacher")
+    g.add_argument("--teacher-taps", nargs="+", default=None, help="blocks to tap for --discriminator teacher")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=count(1), default=None)
     g.add_argument("--batch-size", type=count(1), default=None, help="per process and micro-batch")
     g.add_argument("--gradient-accumulation", type=count(1), default=1)
-    g.add_argument("--lr", type=number(0, open_low=True), default=None,
-                   help="student learning rate (default 1e-5; tiny 1e-4)")
-    g.add_argument("--lr-d", type=number(0, open_low=True), default=None,
-                   help="discriminator learning rate (default 2e-5; tiny 1e-4)")
+    g.add_argument("--lr", type=number(0, open_low=True), default=None, help="student learning rate")
+    g.add_argument("--lr-d", type=number(0, open_low=True), default=None, help="discriminator learning rate")
     g.add_argument("--warmup-steps", type=count(0), default=0)
     g.add_argument("--adam-betas-d", type=number(0, 1, open_high=True), nargs=2, default=[0.0, 0.99])
     g.add_argument("--weight-decay", type=number(0), default=1e-2)
@@ -172,67 +173,43 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("checkpoints, logs, samples")
     g.add_argument("--checkpoint-every", type=count(0, "0 = never"), default=None,
-                   help="checkpoint every N steps and at the end (0 = never; default 500, tiny 2)")
+                   help="checkpoint every N steps and at the end (0 = never)")
     g.add_argument("--checkpoints-keep", type=count(0, "0 = keep all"), default=3)
     g.add_argument("--resume", default=None, help="'latest' (the newest complete checkpoint) or a folder")
     g.add_argument("--max-nonfinite-in-row", type=count(1), default=10)
     g.add_argument("--sample-every", type=count(0, "0 = never"), default=None,
-                   help="grid + diversity every N steps and at the end (0 = never; default 500, tiny 4)")
+                   help="grid + diversity every N steps and at the end (0 = never)")
     g.add_argument("--grid-prompts", nargs="+", default=None)
     g.add_argument("--grid-seeds", type=count(0), nargs="+", default=[0, 1])
     g.add_argument("--diversity-seeds", type=count(0, "0 = off"), default=4,
                    help="samples for the diversity scalars (0 = off; at least 2)")
     g.add_argument("--log-every", type=count(0, "0 = never"), default=1)
     g.add_argument("--export-pipeline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also write a complete pipeline folder (default: on for tiny)")
+                   help="also write a complete pipeline folder (default: on for the built-in presets)")
     g.add_argument("--debug-nonfinite-at", type=injection, nargs="*", default=[], metavar="STEP[:RANK]",
                    help="(testing) make the student's output NaN at these steps (on one process with :RANK)")
     # fmt: on
+    family.add_flags(p)
     return p
 
 
-PRESETS = ("tiny", "random", "none")
 METHODS = ("add", "dmd2")
 ADD_ONLY = ("lambda_distill", "adversarial_weight", "weighting", "distill_space", "adversarial_loss",
             "r1_placement", "r1_gamma", "r1_interval", "discriminator", "teacher_taps", "augment")  # fmt: skip
 DMD2_ONLY = ("fake_steps", "lr_fake", "gan_weight", "gan_d_weight")
 
 
-def preset_defaults(preset: str) -> dict[str, Any]:
-    """The values a preset gives the options left unset on the command line.
+def parse_args(family: Family, argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
+    """Parse and check ``argv`` for ``family``; fill its preset's defaults. Errors exit with argparse's one line.
 
-    ``tiny``: the tiny world's tuned ADD settings (``tiny_world.DEFAULTS``, measured by
-    ``tiny_world.distill_check``); ``random``: a few steps of plumbing; ``none``: a real run.
+    Two passes: the first finds the preset (and whatever the family's defaults depend on), then
+    ``family.defaults(args)`` gives the unset options their values and the second pass parses
+    again, so flags given on the command line always win.
     """
-    if preset == "tiny":
-        import tiny_world
-
-        steps = tiny_world.DEFAULTS["max_steps"]
-        return {
-            **tiny_world.DEFAULTS,
-            "checkpoint_every": steps,
-            "sample_every": steps,
-            "export_pipeline": True,
-        }
-    random = preset == "random"
-    return {
-        "max_steps": 4 if random else 10_000,
-        "batch_size": 2 if random else 4,
-        "lr": 1e-4 if random else 1e-5,
-        "lr_d": 1e-4 if random else 2e-5,
-        "checkpoint_every": 2 if random else 500,
-        "sample_every": 4 if random else 500,
-        "export_pipeline": random,
-        "augment": True,
-    }
-
-
-def parse_args(argv: list[str] | None = None, description: str = "") -> argparse.Namespace:
-    """Parse and check ``argv``; fill the preset's defaults. Errors exit with argparse's one line."""
-    p = build_parser(description)
+    p = build_parser(family, description)
     args = p.parse_args(argv)
     if args.preset is None:
-        args.preset = "none" if args.pretrained else "tiny"
+        args.preset = "none" if args.pretrained else family.presets[0]
     builtin = args.preset != "none"
     if builtin and args.pretrained:
         p.error(f"--preset {args.preset} brings its own models: drop --pretrained, or use --preset none")
@@ -240,13 +217,13 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> argparse
         p.error("--preset none needs --pretrained")
     if not builtin and not args.data:
         p.error("--data is required with --pretrained")
-    defaults = preset_defaults(args.preset)
+    defaults = {"output_dir": f"outputs/{family.name}", **family.defaults(args)}
     if args.fsdp:  # --fsdp trains without EMA: a preset's EMA gives way (an --ema-decay given is refused)
         defaults.pop("ema_decay", None)
     p.set_defaults(**defaults)  # the preset's values; flags given still win
     args = p.parse_args(argv)
-    args.preset = args.preset or ("none" if args.pretrained else "tiny")
-    for message in [*_method_conflicts(args, p), *_conflicts(args)]:
+    args.preset = args.preset or ("none" if args.pretrained else family.presets[0])
+    for message in [*_method_conflicts(args, p), *_conflicts(args), *family.conflicts(args)]:
         p.error(message)
     return args
 
@@ -262,7 +239,11 @@ def _method_conflicts(args: argparse.Namespace, p: argparse.ArgumentParser) -> l
     if args.method == "dmd2":
         for name, on in (("--fsdp", args.fsdp), ("--mixed-precision fp16", args.mixed_precision == "fp16")):
             if on:
-                out.append(f"--method dmd2 does not support {name} (full or LoRA student, bf16 or no)")
+                out.append(
+                    f"--method dmd2 does not support {name}: its step gates the fake score's fused AdamW on "
+                    "the device, which neither FSDP's sharded optimiser nor fp16's GradScaler does "
+                    "(full or LoRA student, bf16 or no)"
+                )
     return out
 
 
@@ -277,8 +258,6 @@ def _conflicts(args: argparse.Namespace) -> list[str]:
         out.append("--r1-gamma has no effect with --r1-placement none: drop one of them")
     if args.diversity_seeds == 1:
         out.append("--diversity-seeds must be 0 (off) or at least 2 (a distance needs two samples)")
-    if args.student_timesteps is not None and len(set(args.student_timesteps)) != len(args.student_timesteps):
-        out.append(f"--student-timesteps must be distinct, got {args.student_timesteps}")
     if any(step < 1 or step > args.max_steps for step, _ in args.debug_nonfinite_at):
         out.append(f"--debug-nonfinite-at: steps must lie in 1..{args.max_steps}")
     if args.fsdp:

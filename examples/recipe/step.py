@@ -1,6 +1,6 @@
-"""One optimiser step of ``add_sdxl.py``: the run state and ``train_step``.
+"""One ADD / LADD optimiser step of the recipes: the run state and ``train_step``.
 
-Per micro-batch: encode captions and images; draw the student inputs at the student timesteps
+Per micro-batch: the family turns the batch into tensors (`recipe.family.AddInputs`); draw the student inputs at the student timesteps
 (pure noise at the first); generator step (student x0 -> adversarial + distillation loss, the
 discriminator frozen); discriminator step on real images and the detached student sample.
 Then, once per optimiser step: average the discriminator's gradients over processes, unscale
@@ -18,21 +18,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from add_sdxl_models import Models, TextEncoder, embed_images, sdxl_time_ids, unconditional, vae_encode
+if TYPE_CHECKING:
+    from recipe.family import Family
 
-
-class Batch(TypedDict):
-    """A micro-batch from ``add_sdxl_data.ImageCaptionDataset``."""
-
-    pixels: Tensor  # [B, 3, R, R] in [-1, 1]
-    caption: list[str]
-    original_size: Tensor  # [B, 2]
-    crop_top_left: Tensor  # [B, 2]
 
 
 @dataclass
@@ -85,25 +78,26 @@ class LossScaling:
 
 @dataclass
 class RunState:
-    """Everything one optimiser step reads and changes (built by ``add_sdxl.setup``)."""
+    """Everything one optimiser step reads and changes (built by `recipe.loop.setup`)."""
 
     args: argparse.Namespace
     accelerator: Any
-    models: Models
+    family: Family  # the model family's adapter (recipe.family)
+    models: Any  # what the family loaded
     student: nn.Module  # as trained: plain, DDP-wrapped or FSDP-sharded
     denoiser: Any  # the student as an x0-predictor (addkit.wrap), calling `student`
     discriminator: Any  # addkit.ProjectedDiscriminator, replicated on every process
     objective: Any  # addkit.ADDObjective
-    text: TextEncoder
+    text: Any  # the family's caption encoder
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     sched_g: torch.optim.lr_scheduler.LRScheduler
     sched_d: torch.optim.lr_scheduler.LRScheduler
     scaling: LossScaling
     ema: torch.optim.swa_utils.AveragedModel | None = None  # over the trainable parameters
-    fake: Any = None  # --method dmd2: add_sdxl_dmd.FakeScore (objective: addkit.DMDObjective)
+    fake: Any = None  # --method dmd2: recipe.dmd.FakeScore (objective: addkit.DMDObjective)
     progress: Progress = field(default_factory=Progress)
-    data: Iterator[Batch] | None = None
+    data: Iterator[Any] | None = None
     resumed_from: Path | None = None  # the checkpoint the run continues
 
     @property
@@ -124,7 +118,7 @@ class StepResult:
     logs: dict[str, Tensor]
 
 
-def train_step(state: RunState, batches: Sequence[Batch]) -> StepResult:
+def train_step(state: RunState, batches: Sequence[Any]) -> StepResult:
     """One optimiser step over ``batches`` (the micro-batches of gradient accumulation).
 
     Reads one value from the device: the all-reduced non-finite flag. A non-finite loss or
@@ -165,47 +159,37 @@ def train_step(state: RunState, batches: Sequence[Batch]) -> StepResult:
     return StepResult(step, skipped, out)
 
 
-def _micro_step(state: RunState, batch: Batch, step: int, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+def _micro_step(state: RunState, batch: Any, step: int, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Generator then discriminator backward (losses times ``scale``) on one micro-batch: (non-finite flag, logs)."""
-    args, acc, models, objective = state.args, state.accelerator, state.models, state.objective
-    pixels = batch["pixels"].to(acc.device)
-    cond, pooled = state.text(batch["caption"])
-    if models.sdxl:
-        size, crop = batch["original_size"].to(acc.device), batch["crop_top_left"].to(acc.device)
-        cond["time_ids"] = sdxl_time_ids(size, crop, args.resolution)
-    with torch.no_grad():
-        x0 = vae_encode(models.vae, pixels)
-        c_image = embed_images(models.image_encoder, pixels) if models.image_encoder is not None else None
-    inp = objective.sample_student_inputs(x0)  # the objective zeroes c_image at the pure-noise step
-    nfsd = args.weighting == "nfsd"
-    uncond = unconditional(cond, models, state.text) if args.guidance_scale != 1.0 or nfsd else None
-    negative = None
-    if nfsd:
-        negative, _ = state.text([args.negative_prompt] * len(batch["caption"]))
-        negative.update({k: v for k, v in cond.items() if k == "time_ids"})
+    acc, objective = state.accelerator, state.objective
+    i = state.family.add_inputs(state, batch)
+    inp = objective.sample_student_inputs(i.x0)  # the objective zeroes c_image at the pure-noise step
+    heads = {"c_text": i.c_text, "c_image": i.c_image, "student_t": inp.t, "feature_kwargs": i.feature_kwargs}
 
     state.discriminator.requires_grad_(False)  # generator step: gradients reach the student only
     with acc.autocast():
-        student_x0 = state.denoiser.x0(inp.x_t, inp.t, **cond)
-        if (step, None) in args.debug_nonfinite_at or (step, acc.process_index) in args.debug_nonfinite_at:
+        student_x0 = state.denoiser.x0(inp.x_t, inp.t, **i.cond)
+        if poisoned(state.args.debug_nonfinite_at, step, acc.process_index):
             student_x0 = student_x0 * float("nan")  # (testing) a forward pass gone non-finite
         loss_g, logs_g = objective.generator_loss(
-            student_x0, teacher_cond=cond, teacher_uncond=uncond, negative_cond=negative,
-            c_text=pooled, c_image=c_image, student_t=inp.t,
-        )  # fmt: skip
+            student_x0, teacher_cond=i.cond, teacher_uncond=i.uncond, negative_cond=i.negative, **heads
+        )
     state.scaling.backward(loss_g * scale)
 
     state.discriminator.requires_grad_(True)
     with acc.autocast():
         with torch.no_grad():
             fake = objective.discriminator_input(student_x0.detach())
-        real = pixels if args.discriminator == "dinov2" else x0
-        loss_d, logs_d = objective.discriminator_loss(
-            real, fake, c_text=pooled, c_image=c_image, student_t=inp.t, step=step
-        )
+            real = objective.discriminator_input(i.x0) if i.real is None else i.real
+        loss_d, logs_d = objective.discriminator_loss(real, fake, step=step, **heads)
     state.scaling.backward(loss_d * scale)
     bad = ~(torch.isfinite(loss_g.detach()) & torch.isfinite(loss_d.detach()))
     return bad, {**logs_g, **logs_d}
+
+
+def poisoned(injections: Sequence[Any], step: int, rank: int) -> bool:
+    """``--debug-nonfinite-at``: is ``step`` (on process ``rank``) one of its ``(STEP, RANK | None)`` entries?"""
+    return any(i == step or i in ((step, None), (step, rank)) for i in injections)
 
 
 def _gradient_sync(state: RunState, sync: bool) -> contextlib.AbstractContextManager:

@@ -6,7 +6,7 @@ The student trains with ``addkit.DMDObjective`` instead of ``ADDObjective``:
   ``--lora-rank`` it is a LoRA adapter named ``fake_score`` on the teacher's own network, and
   the real score is that network seen through ``addkit.denoisers.AdaptersDisabled``, so the
   teacher's weights are held once for both scores (the LoRA student sits on a copy of them:
-  two copies in all, where ADD with LoRA holds one; see ``add_sdxl_models.make_student``);
+  two copies in all, where ADD with LoRA holds one; see ``recipe.sdxl.models.make_student``);
 - **two time-scale rule**: one optimiser step makes ``--fake-steps`` fake-score updates (DMD2:
   5), each on its own micro-batches, then one generator update;
 - **GAN head** (``--gan-weight > 0``): a projected discriminator on the fake score's bottleneck
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import addkit
-from add_sdxl_step import (
+from recipe.step import (
     StepResult,
     _any_process,
     _average_gradients,
@@ -45,6 +45,7 @@ from add_sdxl_step import (
     _gradient_sync,
     _samples_per_step,
     _update_ema,
+    poisoned,
 )
 from addkit.denoisers import AdaptersDisabled, adapters_disabled
 
@@ -179,9 +180,9 @@ def train_step(state: Any, batches: Sequence[Any], prepare: Prepare) -> StepResu
     """``--fake-steps`` fake-score updates, then one generator update; one host read.
 
     Args:
-        state: the run (``add_sdxl_step.RunState`` or ``add_flow.Run``) with ``fake`` set.
+        state: the run (`recipe.step.RunState`) with ``fake`` set.
         batches: `micro_batches_per_step` micro-batches.
-        prepare: ``prepare(state, batch) -> Inputs``.
+        prepare: ``prepare(state, batch) -> Inputs`` (the family's ``dmd_inputs``).
     """
     args, acc = state.args, state.accelerator
     step, n = state.progress.step + 1, args.gradient_accumulation
@@ -285,50 +286,8 @@ def _student_sample(state: Any, inputs: Inputs, step: int, *, grad: bool) -> Ten
     return x0
 
 
-def poisoned(injections: Sequence[Any], step: int, rank: int) -> bool:
-    """``--debug-nonfinite-at``: ``STEP`` or ``(STEP, RANK | None)`` entries."""
-    return any(i == step or i in ((step, None), (step, rank)) for i in injections)
-
-
 def _step_schedulers(*schedulers: Any) -> None:
     with warnings.catch_warnings():  # the schedules count attempted steps, skipped ones too
         warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
         for scheduler in schedulers:
             scheduler.step()
-
-
-# ---------------------------------------------------------------------------------------------
-# add_sdxl.py's parts
-# ---------------------------------------------------------------------------------------------
-def sdxl_gan_head(args: Any, models: Any, fake: FakeScore) -> addkit.ProjectedDiscriminator:
-    """DMD2's GAN head: projected heads (seeded) on the fake score's mid block, on latents."""
-    from add_sdxl_models import unet_features
-
-    unet = models.unet
-    encoder = models.text_encoders[-1].config
-    pooled_dim = encoder.projection_dim if models.sdxl else encoder.hidden_size
-    features = unet_features(
-        fake.network, models, ["mid_block"], channels=[unet.config.block_out_channels[-1]], freeze=False
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + 2)
-        return addkit.ProjectedDiscriminator(features, c_text_dim=pooled_dim)
-
-
-def sdxl_inputs(state: Any, batch: Any) -> Inputs:
-    """Captions to conditioning, fresh noise, and (with a head) the real images' latents."""
-    from add_sdxl_models import sdxl_time_ids, unconditional, vae_encode
-
-    args, models, device = state.args, state.models, state.accelerator.device
-    cond, pooled = state.text(batch["caption"])
-    if models.sdxl:
-        size, crop = batch["original_size"].to(device), batch["crop_top_left"].to(device)
-        cond["time_ids"] = sdxl_time_ids(size, crop, args.resolution)
-    real = None
-    if state.objective.gan_head is not None:
-        with torch.no_grad():
-            real = vae_encode(models.vae, batch["pixels"].to(device))
-    side = args.resolution // models.vae_factor
-    noise = torch.randn(len(batch["caption"]), models.unet.config.in_channels, side, side, device=device)
-    uncond = unconditional(cond, models, state.text) if args.guidance_scale != 1.0 else None
-    return Inputs(noise=noise, cond=cond, uncond=uncond, gan={"c_text": pooled}, real=real)
