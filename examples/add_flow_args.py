@@ -11,6 +11,7 @@ import argparse
 
 import add_flow_models as fm
 import add_flow_tiny as tiny
+from addkit.losses import ADVERSARIAL_LOSSES
 
 DESCRIPTION = "ADD and LADD for diffusers rectified-flow transformers: SD3 / SD3.5 and Flux."
 
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark",
         help="NFSD's negative prompt (--weighting nfsd)",
     )
-    a("--adversarial-loss", choices=("hinge", "non_saturating"), default="hinge")
+    a("--adversarial-loss", choices=tuple(ADVERSARIAL_LOSSES), default="hinge")
     a("--r1-gamma", type=float, default=1e-5)
     a("--r1-placement", choices=("features", "images", "approximate", "none"), default="features")
     a("--r1-interval", type=int, default=1)

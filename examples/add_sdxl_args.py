@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import addkit.losses
+
 R1_PLACEMENTS = ("features", "images", "approximate", "none")
-ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
+ADVERSARIAL_LOSSES = tuple(addkit.losses.ADVERSARIAL_LOSSES)
 
 
 class RecipeError(RuntimeError):
