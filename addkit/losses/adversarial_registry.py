@@ -57,7 +57,8 @@ def _check_member(name: str, fn: Any, n_logits: int, usage: str) -> None:
         signature.bind(*range(n_logits))
     except TypeError as e:
         raise TypeError(
-            f"AdversarialLoss: {name} must be callable as {usage}, but {_label(fn)} has signature {signature} ({e})"
+            f"AdversarialLoss: {name} must be callable as {usage}, "
+            f"but {_label(fn)} has signature {signature} ({e})"
         ) from None
 
 
@@ -107,7 +108,9 @@ class AdversarialLoss:
 ADVERSARIAL_LOSSES: Mapping[str, AdversarialLoss] = MappingProxyType(
     {
         "hinge": AdversarialLoss(hinge_d_loss, hinge_g_loss, name="hinge"),
-        "non_saturating": AdversarialLoss(non_saturating_d_loss, non_saturating_g_loss, name="non_saturating"),
+        "non_saturating": AdversarialLoss(
+            non_saturating_d_loss, non_saturating_g_loss, name="non_saturating"
+        ),
     }
 )
 """The adversarial losses by name (read-only); ``tuple(ADVERSARIAL_LOSSES)`` lists the names."""

@@ -54,17 +54,19 @@ def test_module_instances_work_as_members() -> None:
 
 
 def test_bad_losses_raise_clear_errors() -> None:
-    with pytest.raises(ValueError, match="adversarial_loss: loss must be one of 'hinge', 'non_saturating'; got 'wgan'"):
+    unknown = "adversarial_loss: loss must be one of 'hinge', 'non_saturating'; got 'wgan'"
+    with pytest.raises(ValueError, match=unknown):
         adversarial_loss("wgan")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"got tuple: wrap the pair as AdversarialLoss\(d_loss, g_loss\)"):
         adversarial_loss((_d, _g))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="loss must be one of .* or an AdversarialLoss, got NoneType"):
         adversarial_loss(None)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="d_loss must be callable as d_loss\\(real_logits, fake_logits\\), got int"):
+    usage = r"d_loss must be callable as d_loss\(real_logits, fake_logits\)"
+    with pytest.raises(TypeError, match=usage + ", got int"):
         AdversarialLoss(1, _g)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"g_loss is the class HingeGLoss: pass an instance, e.g. HingeGLoss\(\)"):
+    with pytest.raises(TypeError, match=r"g_loss is the class HingeGLoss: pass an instance, e.g. HingeGLoss\("):
         AdversarialLoss(_d, HingeGLoss)
-    with pytest.raises(TypeError, match=r"d_loss must be callable as d_loss\(real_logits, fake_logits\), but _g"):
+    with pytest.raises(TypeError, match=usage + r", but _g has signature \(fake\)"):
         AdversarialLoss(_g, _d)  # swapped
     with pytest.raises(TypeError, match="name must be a str, got int"):
         AdversarialLoss(_d, _g, name=3)  # type: ignore[arg-type]
