@@ -38,7 +38,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +46,8 @@ from torch import Tensor
 from addkit._checks import check_batch, check_choice, check_floating, check_positive
 from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
-from addkit.losses.adversarial import hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss
+from addkit.losses.adversarial_registry import ADVERSARIAL_LOSSES, AdversarialLoss, AdversarialLossName
+from addkit.losses.adversarial_registry import adversarial_loss as resolve_adversarial_loss
 from addkit.losses.distillation import sample_distillation_timesteps
 from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
@@ -55,12 +56,6 @@ from addkit.sampling import sample
 from addkit.typing import Denoiser, Discriminator, Schedule, Teacher
 
 __all__ = ["DMDObjective"]
-
-_GAN = {
-    "non_saturating": (non_saturating_d_loss, non_saturating_g_loss),
-    "hinge": (hinge_d_loss, hinge_g_loss),
-}
-
 
 class DMDObjective:
     r"""DMD2's losses for one generator update and one fake-score update.
@@ -101,7 +96,8 @@ class DMDObjective:
         gan_weight: $\lambda_\text{GAN}$ of the generator term (DMD2 uses small weights,
             of order $10^{-3}$; tune it).
         gan_d_weight: weight of the discriminator term in the fake-score loss.
-        gan_loss: ``"non_saturating"`` (DMD2) or ``"hinge"``.
+        gan_loss: ``"non_saturating"`` (DMD2), ``"hinge"`` or any
+            [`AdversarialLoss`][addkit.losses.adversarial_registry.AdversarialLoss].
         student_timesteps: the student's timesteps; ``None`` is ``schedule.timesteps(4, "trailing")``.
         backward_simulation: build multi-step inputs from the student's own earlier steps.
         regression_weight: weight of DMD's regression loss (0: DMD2, off).
@@ -134,7 +130,7 @@ class DMDObjective:
         gan_head: Discriminator | None = None,
         gan_weight: float = 3e-3,
         gan_d_weight: float = 1e-2,
-        gan_loss: Literal["non_saturating", "hinge"] = "non_saturating",
+        gan_loss: AdversarialLossName | AdversarialLoss = "non_saturating",
         student_timesteps: Sequence[float] | None = None,
         backward_simulation: bool = True,
         regression_weight: float = 0.0,
@@ -147,7 +143,8 @@ class DMDObjective:
                     f"{fn}: {name} must satisfy addkit.typing.Teacher (predict(x_t, t, target=..., ...), "
                     f"e.g. addkit.wrap(unet, schedule, 'eps')), got {type(obj).__name__}"
                 )
-        check_choice(fn, "gan_loss", gan_loss, tuple(_GAN))
+        if isinstance(gan_loss, str):
+            check_choice(fn, "gan_loss", gan_loss, tuple(ADVERSARIAL_LOSSES))
         for name, value in (
             ("gan_weight", gan_weight),
             ("gan_d_weight", gan_d_weight),
@@ -160,7 +157,8 @@ class DMDObjective:
         self.dm_t_range = dm_t_range
         self.gan_head = gan_head
         self.gan_weight, self.gan_d_weight = float(gan_weight), float(gan_d_weight)
-        self.d_loss_fn, self.g_loss_fn = _GAN[gan_loss]
+        gan = resolve_adversarial_loss(gan_loss)
+        self.d_loss_fn, self.g_loss_fn = gan.d_loss, gan.g_loss
         self.backward_simulation = bool(backward_simulation)
         self.regression_weight = float(regression_weight)
         if student_timesteps is None:

@@ -35,12 +35,12 @@ from addkit._checks import check_batch, check_choice, check_floating, check_posi
 from addkit._random import randint, randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses._heads import as_heads
-from addkit.losses.adversarial import (
-    hinge_d_loss,
-    hinge_g_loss,
-    non_saturating_d_loss,
-    non_saturating_g_loss,
+from addkit.losses.adversarial_registry import (
+    ADVERSARIAL_LOSSES,
+    AdversarialLoss,
+    AdversarialLossName,
 )
+from addkit.losses.adversarial_registry import adversarial_loss as resolve_adversarial_loss
 from addkit.losses.distillation import (
     Distance,
     Weighting,
@@ -52,12 +52,6 @@ from addkit.losses.regularizers import LazyRegularizer, R1Placement, R1Regulariz
 from addkit.typing import Discriminator, HeadLogits, Schedule, Teacher
 
 __all__ = ["ADDObjective", "R1Placement", "StudentInputs"]
-
-_LOSSES: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
-    "hinge": (hinge_d_loss, hinge_g_loss),
-    "non_saturating": (non_saturating_d_loss, non_saturating_g_loss),
-}
-
 
 @dataclass(frozen=True)
 class StudentInputs:
@@ -154,7 +148,9 @@ class ADDObjective:
             ``teacher_uncond``); NFSD's scale with ``weighting="nfsd"``.
         nfsd_threshold: NFSD's switch time (default 20 % of the schedule).
         distill_t_range: teacher timesteps ``(low, high)`` in schedule units.
-        adversarial_loss: ``"hinge"`` (ADD) or ``"non_saturating"``.
+        adversarial_loss: ``"hinge"`` (ADD), ``"non_saturating"`` or any
+            [`AdversarialLoss`][addkit.losses.adversarial_registry.AdversarialLoss] (a
+            discriminator loss and its generator loss).
         r1_placement: ``"features"``, ``"images"``, ``"approximate"`` or an
             [`R1Regularizer`][addkit.losses.regularizers.R1Regularizer] (see above).
         r1_gamma: R1 weight; ``None`` takes the placement's ``default_gamma`` (1e-5 for
@@ -204,7 +200,7 @@ class ADDObjective:
         guidance_scale: float = 1.0,
         nfsd_threshold: float | None = None,
         distill_t_range: tuple[float, float] | None = None,
-        adversarial_loss: Literal["hinge", "non_saturating"] = "hinge",
+        adversarial_loss: AdversarialLossName | AdversarialLoss = "hinge",
         r1_placement: R1Placement | R1Regularizer = "features",
         r1_gamma: float | None = None,
         r1_interval: int = 1,
@@ -217,7 +213,9 @@ class ADDObjective:
         check_positive(fn, "lambda_distill", lambda_distill, allow_zero=True)
         check_positive(fn, "adversarial_weight", adversarial_weight, allow_zero=True)
         check_choice(fn, "space", space, ("latent", "pixel"))
-        check_choice(fn, "adversarial_loss", adversarial_loss, tuple(_LOSSES))
+        if isinstance(adversarial_loss, str):
+            check_choice(fn, "adversarial_loss", adversarial_loss, tuple(ADVERSARIAL_LOSSES))
+        adversarial = resolve_adversarial_loss(adversarial_loss)
         check_choice(fn, "terminal", terminal, ("replace", "schedule"))
         check_choice(fn, "discriminator_sees", discriminator_sees, ("decoded", "latents"))
         if isinstance(weighting, str):
@@ -252,7 +250,7 @@ class ADDObjective:
         self.guidance_scale = guidance_scale
         self.nfsd_threshold = nfsd_threshold
         self.distill_t_range = distill_t_range
-        self.d_loss_fn, self.g_loss_fn = _LOSSES[adversarial_loss]
+        self.d_loss_fn, self.g_loss_fn = adversarial.d_loss, adversarial.g_loss
         self.r1_gamma = float(gamma)
         self.lazy_r1 = LazyRegularizer(r1_interval)
         self.terminal = terminal

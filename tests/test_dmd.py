@@ -7,7 +7,13 @@ import torch
 from torch import Tensor, nn
 
 from addkit import DMDObjective, ProjectedDiscriminator, TeacherFeatures, VPSchedule, sample, wrap
-from addkit.losses import distribution_matching_loss, fake_score_loss
+from addkit.losses import (
+    AdversarialLoss,
+    distribution_matching_loss,
+    fake_score_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+)
 
 VP = VPSchedule.scaled_linear()
 
@@ -147,10 +153,58 @@ def test_gan_head_on_the_fake_scores_features() -> None:
     assert unet.conv_in.weight.grad is not None  # from the denoising loss
 
 
+class Head(nn.Module):
+    """A GAN head with one weight: per-head logits from the flattened sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.5, -0.5]))
+
+    def forward(self, x: Tensor, *, per_head: bool = False, generator=None) -> list[Tensor]:
+        return [x.flatten(1)[:, :2] * self.w]
+
+
+def _w_d(real: list[Tensor], fake: list[Tensor]) -> Tensor:  # Wasserstein critic, as a user would write it
+    return sum(f.mean() - r.mean() for r, f in zip(real, fake, strict=True))
+
+
+def _w_g(fake: list[Tensor]) -> Tensor:
+    return -sum(f.mean() for f in fake)
+
+
+def test_a_user_written_gan_loss_is_used() -> None:
+    teacher, fake, head = UserTeacher(), UserFakeScore(), Head()
+    obj = DMDObjective(teacher, fake, VP, gan_head=head, gan_weight=0.2, gan_d_weight=0.7,
+                       gan_loss=AdversarialLoss(_w_d, _w_g, name="wasserstein"))
+    x0 = torch.randn(3, 2, 4, 4, requires_grad=True)
+    loss, logs = obj.generator_loss(x0, generator=torch.Generator().manual_seed(3))
+    gan = _w_g(head(x0))
+    torch.testing.assert_close(logs["g/gan"], gan.detach())
+    g = torch.Generator().manual_seed(3)
+    dm = distribution_matching_loss(x0, teacher, fake, schedule=VP, generator=g)
+    torch.testing.assert_close(loss, dm + 0.2 * gan)
+    got = torch.autograd.grad(loss, x0)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(dm + 0.2 * gan, x0)[0])
+    real = torch.randn(3, 2, 4, 4)
+    loss, logs = obj.fake_score_loss(x0, real=real, generator=torch.Generator().manual_seed(4))
+    gan = _w_d(head(real), head(x0.detach()))
+    torch.testing.assert_close(logs["f/gan"], gan.detach())
+    want = torch.autograd.grad(0.7 * gan, head.w)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, head.w)[0], want)
+    assert not torch.allclose(gan, non_saturating_d_loss(head(real), head(x0.detach())))  # the choice matters
+
+
+def test_gan_loss_names_pick_the_library_functions() -> None:
+    obj = DMDObjective(UserTeacher(), UserFakeScore(), VP)
+    assert (obj.d_loss_fn, obj.g_loss_fn) == (non_saturating_d_loss, non_saturating_g_loss)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="DMDObjective: fake_score must satisfy addkit.typing.Teacher"):
         DMDObjective(UserTeacher(), object(), VP)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gan_loss must be one of"):
         DMDObjective(UserTeacher(), UserFakeScore(), VP, gan_loss="wgan")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"wrap the pair as AdversarialLoss\(d_loss, g_loss\)"):
+        DMDObjective(UserTeacher(), UserFakeScore(), VP, gan_loss=(_w_d, _w_g))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gan_weight must be a finite non-negative number"):
         DMDObjective(UserTeacher(), UserFakeScore(), VP, gan_weight=-1.0)

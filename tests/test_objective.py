@@ -11,7 +11,15 @@ from torch import Tensor, nn
 from addkit.checks import value_checks
 from addkit.denoisers import wrap
 from addkit.discriminators import DiffAugment, ProjectedDiscriminator, TappedFeatures
-from addkit.losses import distillation_loss, hinge_d_loss, hinge_g_loss, r1_penalty
+from addkit.losses import (
+    AdversarialLoss,
+    distillation_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+    r1_penalty,
+)
 from addkit.objective import ADDObjective
 from addkit.schedules import FlowSchedule, VPSchedule
 
@@ -241,6 +249,56 @@ def test_distillation_only_and_adversarial_only() -> None:
     assert set(logs) == {"g/adv", "g/logits_fake", "g/total"}
 
 
+class TwoHeads(nn.Module):
+    """A discriminator with a weight to train: two heads on the flattened input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+    def forward(self, x: Tensor, *, per_head: bool = False, generator=None) -> list[Tensor]:
+        flat = x.flatten(1)
+        return [flat[:, :3] * self.w, flat[:, 3:5].sin()]
+
+
+def _ls_d(real: list[Tensor], fake: list[Tensor]) -> Tensor:  # least-squares GAN, a = 0, b = c = 1
+    return sum(((r - 1) ** 2).mean() + (f**2).mean() for r, f in zip(real, fake, strict=True))
+
+
+def _ls_g(fake: list[Tensor]) -> Tensor:
+    return sum(((f - 1) ** 2).mean() for f in fake)
+
+
+def test_a_user_written_adversarial_loss_is_used() -> None:
+    D = TwoHeads()
+    pair = AdversarialLoss(_ls_d, _ls_g, name="least_squares")
+    obj = ADDObjective(wrap(Net(), VP, "eps"), D, VP, lambda_distill=0.0, adversarial_weight=0.3, r1_gamma=0.0,
+                       adversarial_loss=pair)
+    x = torch.randn(4, 2, 2, 2, requires_grad=True)
+    loss, logs = obj.generator_loss(x)
+    loss.backward()
+    want = _ls_g(D(x))
+    torch.testing.assert_close(logs["g/adv"], want.detach())
+    torch.testing.assert_close(loss, 0.3 * want)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(0.3 * want, x)[0])
+    D.zero_grad()
+    real, fake = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2, 2)
+    loss, logs = obj.discriminator_loss(real, fake)
+    loss.backward()
+    want = _ls_d(D(real), D(fake))
+    torch.testing.assert_close(logs["d/adv"], want.detach())
+    torch.testing.assert_close(D.w.grad, torch.autograd.grad(want, D.w)[0])
+    assert not torch.allclose(want, hinge_d_loss(D(real), D(fake)))  # the choice matters here
+
+
+def test_adversarial_loss_names_pick_the_library_functions() -> None:
+    teacher = wrap(Net(), VP, "eps")
+    hinge = ADDObjective(teacher, TwoHeads(), VP)
+    assert (hinge.d_loss_fn, hinge.g_loss_fn) == (hinge_d_loss, hinge_g_loss)
+    ns = ADDObjective(teacher, TwoHeads(), VP, adversarial_loss="non_saturating")
+    assert (ns.d_loss_fn, ns.g_loss_fn) == (non_saturating_d_loss, non_saturating_g_loss)
+
+
 def test_bad_arguments_raise_clear_errors() -> None:
     teacher = wrap(Net(), VP, "eps")
     D = _disc()
@@ -256,6 +314,10 @@ def test_bad_arguments_raise_clear_errors() -> None:
         ADDObjective(teacher, D, VP, r1_placement="pixels")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="lambda_distill"):
         ADDObjective(teacher, D, VP, lambda_distill=-1.0)
+    with pytest.raises(ValueError, match="ADDObjective: adversarial_loss must be one of 'hinge', 'non_sat"):
+        ADDObjective(teacher, D, VP, adversarial_loss="wgan")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"wrap the pair as AdversarialLoss\(d_loss, g_loss\)"):
+        ADDObjective(teacher, D, VP, adversarial_loss=(_ls_d, _ls_g))  # type: ignore[arg-type]
     obj = ADDObjective(teacher, D, VP)
     with pytest.raises(ValueError, match="real and fake must have the same shape"):
         obj.discriminator_loss(torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16))

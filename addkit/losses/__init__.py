@@ -1,4 +1,4 @@
-"""Losses and regularisers: adversarial (hinge, non-saturating), R1 penalties, distillation."""
+"""Losses and regularisers: adversarial (hinge, non-saturating, by name), R1 penalties, distillation."""
 
 from addkit.losses.adversarial import (
     HeadLogits,
@@ -10,6 +10,12 @@ from addkit.losses.adversarial import (
     hinge_g_loss,
     non_saturating_d_loss,
     non_saturating_g_loss,
+)
+from addkit.losses.adversarial_registry import (
+    ADVERSARIAL_LOSSES,
+    AdversarialLoss,
+    AdversarialLossName,
+    adversarial_loss,
 )
 from addkit.losses.distillation import (
     Distance,
@@ -41,6 +47,9 @@ from addkit.losses.regularizers import (
 )
 
 __all__ = [
+    "ADVERSARIAL_LOSSES",
+    "AdversarialLoss",
+    "AdversarialLossName",
     "ApproximateR1",
     "ChanceWatch",
     "Distance",
@@ -56,6 +65,7 @@ __all__ = [
     "R1Regularizer",
     "WeightFn",
     "Weighting",
+    "adversarial_loss",
     "approximate_r1",
     "distillation_loss",
     "discriminator_stats",

@@ -19,13 +19,15 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+import addkit.losses
 
 if TYPE_CHECKING:
     from recipe.family import Family
 
-R1_PLACEMENTS = ("features", "images", "approximate", "none")
-ADVERSARIAL_LOSSES = ("hinge", "non_saturating")
+R1_PLACEMENTS = (*get_args(addkit.losses.R1Placement), "none")  # the library's, and no R1
+ADVERSARIAL_LOSSES = tuple(addkit.losses.ADVERSARIAL_LOSSES)
 
 
 class RecipeError(RuntimeError):
