@@ -192,7 +192,7 @@ def test_sd3_lora_export_loads_and_samples_like_addkit(sd3_lora: Any, tmp_path: 
 def test_resume_equals_straight_run(sd3_lora: Any, sd3_lora_half: Any) -> None:
     _, reference = sd3_lora
     out, first = sd3_lora_half
-    assert first["step"] == 2
+    assert first.step == 2
     resumed = run(
         out,
         *SD3_LORA,
@@ -204,10 +204,10 @@ def test_resume_equals_straight_run(sd3_lora: Any, sd3_lora_half: Any) -> None:
         "0",
         "--no-export-pipeline",
     )
-    assert resumed["step"] == 4
-    assert_same_weights(resumed["student"], reference["student"])
-    assert_same_weights(resumed["discriminator"], reference["discriminator"])
-    assert_same_weights(resumed["ema"], reference["ema"])
+    assert resumed.step == 4
+    assert_same_weights(resumed.student, reference.student)
+    assert_same_weights(resumed.discriminator, reference.discriminator)
+    assert_same_weights(resumed.ema, reference.ema)
 
 
 def test_flux_full_add_on_teacher_data_exports_a_flux_pipeline(flux_full: Any, tmp_path: Path) -> None:
@@ -357,9 +357,9 @@ def test_crash_during_checkpoint_write_resumes_from_previous(tmp_path: Path, mon
     monkeypatch.setattr(accelerate.Accelerator, "save_state", original)
     assert [p.name for p in recipe.checkpoint.checkpoints(tmp_path / "crash")] == ["step-0000001"]
     resumed = run(tmp_path / "crash", *argv, "--resume", "latest")
-    assert resumed["step"] == 2
-    assert_same_weights(resumed["student"], reference["student"])
-    assert_same_weights(resumed["discriminator"], reference["discriminator"])
+    assert resumed.step == 2
+    assert_same_weights(resumed.student, reference.student)
+    assert_same_weights(resumed.discriminator, reference.discriminator)
 
 
 FLAGS = {  # name -> add_flow.py arguments

@@ -37,11 +37,11 @@ def _modules(run: Any) -> Iterator[nn.Module]:
     """Every module the run holds, following the references that sit outside module trees."""
     yield from (m for m in run.models.pipe.components.values() if isinstance(m, nn.Module))
     yield run.student
-    yield run.teacher
+
     yield run.objective.teacher
     yield run.discriminator
     yield run.discriminator.features
-    for view in (run.models.teacher, run.discriminator.features.teacher, run.teacher.model.transformer):
+    for view in (run.models.teacher, run.discriminator.features.teacher, run.objective.teacher.model.transformer):
         if isinstance(view, AdaptersDisabled):
             yield view.model
 
@@ -70,7 +70,7 @@ def _variant(run: Any) -> dict[str, Any]:
 def _inputs(run: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     side = run.args.resolution // run.models.pipe.vae_scale_factor
     x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
-    cond, _ = run.prompts(["a red circle on a blue background", "a cat"])
+    cond, _ = run.text(["a red circle on a blue background", "a cat"])
     return x, cond
 
 
@@ -97,7 +97,7 @@ def test_lora_run_holds_the_transformer_once_and_its_teacher_is_the_base(model: 
     t = torch.tensor([0.9, 0.4])
     with torch.no_grad():
         want = base.x0(x, t, **cond)
-        torch.testing.assert_close(run.teacher.x0(x, t, **cond), want, rtol=0, atol=0)
+        torch.testing.assert_close(run.objective.teacher.x0(x, t, **cond), want, rtol=0, atol=0)
         assert (run.denoiser.x0(x, t, **cond) - want).abs().max() > 1e-3  # the student is not the base
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         got = run.discriminator.features(x, t=0.5, noise=noise, **cond)

@@ -106,7 +106,7 @@ def test_missing_data_folder_is_found_before_any_model_is_built(tmp_path, monkey
     def no_models(args):
         raise AssertionError("models were built")
 
-    monkeypatch.setattr(add_sdxl, "load_models", no_models)
+    monkeypatch.setattr("recipe.sdxl.models.load_models", no_models)
     missing = tmp_path / "no" / "such" / "folder"
     with pytest.raises(RecipeError, match=f"--data {missing}: no such folder or file"):
         add_sdxl.main(["--data", str(missing), "--output-dir", str(tmp_path / "out")])

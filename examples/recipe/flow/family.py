@@ -185,14 +185,16 @@ class FlowFamily:
     def scores_table(self, scores: dict) -> str:
         return ""
 
-    def sample_command(self, args: argparse.Namespace, export: Path) -> str:
-        model = str(export) if args.export_pipeline else str(args.pretrained)
-        extra = "" if args.export_pipeline else f" --{'lora' if args.lora_rank else 'transformer'} " + shlex.quote(
-            str(export / ("lora" if args.lora_rank else "transformer"))
-        )
-        prompt = report.prompts(args)[0]
+    def sample_command(self, args: argparse.Namespace, export: Path) -> str | None:
+        if args.export_pipeline:
+            model, extra = str(export), ""
+        elif args.pretrained:  # the base pipeline with the exported transformer or LoRA
+            part = "lora" if args.lora_rank else "transformer"
+            model, extra = str(args.pretrained), f" --{part} {shlex.quote(str(export / part))}"
+        else:
+            return None  # a built-in preset without --export-pipeline: no pipeline to load it into
         return (
-            f"python examples/sample_flow.py {shlex.quote(model)} {shlex.quote(prompt)}{extra} "
+            f"python examples/sample_flow.py {shlex.quote(model)} {shlex.quote(report.prompts(args)[0])}{extra} "
             f"--steps {args.student_steps} --out sample.png"
         )
 
