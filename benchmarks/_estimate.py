@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,7 +54,6 @@ CATEGORIES = {  # MemTracker's reference types -> the names this benchmark repor
     _MemRefType.TEMP: "temporaries",
     _MemRefType.OTH: "inputs",
 }
-SHARDED = ("parameters", "gradients", "optimizer")  # what FSDP divides by the world size
 
 
 @dataclass
@@ -69,6 +68,8 @@ class Setup:
         step: runs one whole step (forward, backward, optimiser steps, ``zero_grad``).
         fsdp_unit_bytes: what an FSDP run holds unsharded for its largest block (gathered
             parameters, and their gradients before the reduce-scatter when they are trained).
+        sharded: the parameters an FSDP run shards (the recipe's ``--fsdp``: the student's);
+            everything else stays whole on every device.
     """
 
     parts: dict[str, nn.Module]
@@ -76,6 +77,7 @@ class Setup:
     inputs: list[torch.Tensor]
     step: Callable[[], None]
     fsdp_unit_bytes: int = 0
+    sharded: list[nn.Parameter] = field(default_factory=list)
 
 
 class _NoModuleHooks(ModTracker):
@@ -104,21 +106,17 @@ class StepMemTracker(MemTracker):
     - the part running when each storage was made (the innermost of ``parts``' modules whose
       forward is active; ``"loss and glue"`` outside them, ``"backward"`` for gradients of
       activations), with each part's live bytes at the peak;
-    - the peak with parameters, gradients and optimiser state divided by ``world`` (each
-      device of an FSDP run holds a ``1/world`` shard of them; the rest stays whole);
     - gradient hooks on trainable parameters only.
 
     Activations recomputed by gradient checkpointing during backward count as temporaries.
 
     Args:
         parts: named modules; a module reachable from two parts belongs to the first.
-        world: devices sharding parameters, gradients and optimiser state.
     """
 
-    def __init__(self, parts: dict[str, nn.Module], *, world: int = 1) -> None:
+    def __init__(self, parts: dict[str, nn.Module]) -> None:
         super().__init__()
         self._mod_tracker = _NoModuleHooks()
-        self.world = world
         self._owner: dict[nn.Module, str] = {}
         for name, part in parts.items():
             for m in part.modules():
@@ -128,8 +126,6 @@ class StepMemTracker(MemTracker):
         self._by_part: dict[str, int] = {}
         self.peak_by_part: dict[str, int] = {}
         self.peak_phase = ""
-        self.sharded_peak = 0
-        self.sharded_peak_snapshot: dict[Any, int] = {}
         self._trainable = [p for part in parts.values() for p in part.parameters() if p.requires_grad]
 
     def _pre(self, module: nn.Module, args: Any) -> None:
@@ -192,7 +188,7 @@ class StepMemTracker(MemTracker):
             self._by_part[part] -= nbytes
         super()._delete_callback(winfo, w_st)
 
-    # Global peaks, whole and sharded (no per-module snapshots: parts are counted above).
+    # The global peak (no per-module snapshots: parts are counted above).
     def _update_peak_stats(self, peak_state: Any) -> None:
         for dev, snap in self._curr_mem_snap.items():
             total = snap["Total"]
@@ -201,26 +197,42 @@ class StepMemTracker(MemTracker):
                 self._peak_mem_snap[dev] = dict(snap)
                 self.peak_by_part = {k: v for k, v in self._by_part.items() if v}
                 self.peak_phase = self._phase()
-            shard = sum(v for k, v in snap.items() if k in _SHARDED_KEYS)
-            sharded = total - shard + math.ceil(shard / self.world)
-            if sharded > self.sharded_peak:
-                self.sharded_peak = sharded
-                self.sharded_peak_snapshot = dict(snap)
 
 
-_SHARDED_KEYS = {k for k, v in CATEGORIES.items() if v in SHARDED}
-
-
-def _named(snap: dict[Any, int], world: int = 1, state: int = 0) -> dict[str, int]:
+def _named(snap: dict[Any, int], state: int = 0) -> dict[str, int]:
     """Bytes by category; what the optimiser step allocates beyond the ``state`` it held before
-    the step (foreach temporaries) is ``optimizer_step``; sharded categories divided by ``world``."""
-    out = {}
-    for key, name in CATEGORIES.items():
-        value = snap.get(key, 0)
-        out[name] = math.ceil(value / world) if name in SHARDED else value
+    the step (foreach temporaries) is ``optimizer_step``."""
+    out = {name: snap.get(key, 0) for key, name in CATEGORIES.items()}
     opt = snap.get(_MemRefType.OPT, 0)
-    out["optimizer"] = math.ceil(min(opt, state) / world)
-    out["optimizer_step"] = math.ceil(max(opt - state, 0) / world)
+    out["optimizer"] = min(opt, state)
+    out["optimizer_step"] = max(opt - state, 0)
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def per_device(setup: Setup, peak: dict[str, int], world: int) -> dict[str, int]:
+    """The peak on each of ``world`` devices of an FSDP run that shards ``setup.sharded``.
+
+    Those parameters, their AdamW state and their gradients (as many as are alive at the peak)
+    are divided by ``world``; everything else (frozen networks, the discriminator, activations)
+    stays whole; the unsharded unit FSDP gathers (``fsdp_unit_bytes``) is added.
+    """
+    ids = {id(p) for p in setup.sharded}
+    params = sum(_nbytes(p) for p in setup.sharded)
+    state = sum(
+        _nbytes(v) for opt in setup.optimizers for p, st in opt.state.items() if id(p) in ids
+        for v in st.values() if isinstance(v, torch.Tensor)
+    )  # fmt: skip
+    grads = min(sum(_nbytes(p) for p in setup.sharded if p.requires_grad), peak["gradients"])
+    out = dict(peak)
+    for key, nbytes in (("parameters", params), ("optimizer", state), ("gradients", grads)):
+        out[key] = peak[key] - nbytes + math.ceil(nbytes / world)
+    out["fsdp_gather"] = setup.fsdp_unit_bytes
+    out["total"] = peak["total"] - (params + state + grads) + sum(math.ceil(n / world) for n in (params, state, grads))
+    out["total"] += setup.fsdp_unit_bytes
     return out
 
 
@@ -236,19 +248,16 @@ def warm_optimizers(setup: Setup) -> None:
 
 def track_step(setup: Setup, *, world: int = 1) -> dict[str, Any]:
     """Run ``setup.step`` once under a `StepMemTracker`; return the peak and its breakdown."""
-    tracker = StepMemTracker(setup.parts, world=world)
+    tracker = StepMemTracker(setup.parts)
     tracker.track_external(*setup.parts.values(), *setup.optimizers, *setup.inputs)
     state = sum(snap.get(_MemRefType.OPT, 0) for snap in tracker.get_tracker_snapshot().values())
     with tracker:
         setup.step()
     snap = _merge(tracker._peak_mem_snap.values())
-    peak = {"total": int(sum(v for k, v in snap.items() if k != "Total")), **_named(snap, 1, state)}
-    gather = setup.fsdp_unit_bytes if world > 1 else 0
-    sharded = _named(tracker.sharded_peak_snapshot, world, state)
-    sharded = {"total": sum(sharded.values()) + gather, **sharded, "fsdp_gather": gather}
+    peak = {"total": int(sum(v for k, v in snap.items() if k != "Total")), **_named(snap, state)}
     return {
         "peak": peak,
-        "per_device": sharded,
+        "per_device": per_device(setup, peak, world) if world > 1 else None,
         "at_peak_by_part": tracker.peak_by_part,
         "peak_phase": tracker.peak_phase,
     }

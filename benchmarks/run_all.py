@@ -14,6 +14,7 @@ configurations (a minute or two), the full run all of them; its rows are merged 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 from _report import write_all  # a sibling module: the script's folder is on sys.path
 
 HERE = Path(__file__).resolve().parent
+EXAMPLES = HERE.parent / "examples"  # the recipe core, which bench_memory runs
 BENCHMARKS = (
     "bench_adversarial",
     "bench_discriminator",
@@ -39,7 +41,8 @@ def run_one(name: str, quick: bool) -> tuple[bool, float]:
     cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if quick else [])]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=HERE.parent, check=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, cwd=HERE.parent, check=False, env=env)  # the recipe's modules: examples/
     return done.returncode == 0, time.perf_counter() - start
 
 

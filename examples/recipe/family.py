@@ -61,8 +61,16 @@ class Family(Protocol):
     def load(self, args: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any, FakeScore | None]:
         """The models, placed on ``device`` (frozen parts in ``dtype``), and DMD2's fake score."""
 
-    def discriminator(self, args: argparse.Namespace, models: Any, fake: FakeScore | None) -> nn.Module:
-        """ADD's / LADD's discriminator, or with ``fake`` DMD2's GAN head (seeded, on the CPU)."""
+    def placement(self, models: Any, dtype: Any) -> list[tuple[nn.Module, Any, bool]]:
+        """``(module, dtype, trained_in_float32)`` for each network: where ``load`` puts its weights."""
+
+    def discriminator(
+        self, args: argparse.Namespace, models: Any, fake: FakeScore | None, dinov2: dict | None = None
+    ) -> nn.Module:
+        """ADD's / LADD's discriminator, or with ``fake`` DMD2's GAN head (seeded, on the CPU).
+
+        ``dinov2``: the DINOv2 network's ``from_dinov2`` arguments in place of the flags' (benchmarks).
+        """
 
     def student_timesteps(self, args: argparse.Namespace, models: Any) -> Any:
         """The student's timesteps (None: the objective's default)."""

@@ -66,7 +66,7 @@ def test_an_empty_checkpoint_folder_is_refused_before_any_model_is_built(out, mo
     def no_models(args):
         raise AssertionError("models were built")
 
-    monkeypatch.setattr(add_sdxl, "load_models", no_models)
+    monkeypatch.setattr("recipe.sdxl.models.load_models", no_models)
     empty = out / "checkpoints" / "step-0000009"
     empty.mkdir()
     with pytest.raises(RecipeError, match=f"--resume {empty}: not a complete checkpoint: no manifest"):
@@ -96,7 +96,7 @@ def test_resuming_with_another_setup_is_refused_before_any_model_is_built(out, m
     def no_models(args):
         raise AssertionError("models were built")
 
-    monkeypatch.setattr(add_sdxl, "load_models", no_models)
+    monkeypatch.setattr("recipe.sdxl.models.load_models", no_models)
     with pytest.raises(
         RecipeError, match=f"--resume {step(out, 2)}: it was written with --ema-decay; resume with"
     ):

@@ -40,7 +40,7 @@ def batches(state: RunState) -> list:
 
 
 def step(state: RunState, micro_batches: list | None = None) -> dmd.StepResult:
-    return dmd.train_step(state, micro_batches or batches(state), dmd.sdxl_inputs)
+    return dmd.train_step(state, micro_batches or batches(state), state.family.dmd_inputs)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

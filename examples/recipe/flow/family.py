@@ -104,22 +104,21 @@ class FlowFamily:
         return out
 
     def load(self, args: argparse.Namespace, device: Any, dtype: Any) -> tuple[fm.FlowModels, dmd.FakeScore | None]:
-        from diffusers.training_utils import cast_training_params
-
         models = fm.load_models(args, dtype)  # seeded: identical on every process
-        for module in models.pipe.components.values():  # frozen parts (and a LoRA student's base) in dtype
-            if isinstance(module, nn.Module):
-                module.to(device, **({} if dtype == torch.float32 else {"dtype": dtype}))
-        models.student.to(device)
-        if args.lora_rank or dtype != torch.float32:  # trained weights in float32 (autocast computes)
-            cast_training_params(models.student, dtype=torch.float32)
+        fm.place_models(models, device, dtype)
         fake = flow_dmd.build(args, models, device) if args.method == "dmd2" else None
         return models, fake
 
-    def discriminator(self, args: argparse.Namespace, models: fm.FlowModels, fake: dmd.FakeScore | None) -> nn.Module:
+    def placement(self, models: fm.FlowModels, dtype: torch.dtype) -> list:
+        return fm.placement(models, dtype)
+
+    def discriminator(
+        self, args: argparse.Namespace, models: fm.FlowModels, fake: dmd.FakeScore | None, dinov2: dict | None = None
+    ) -> nn.Module:
         if fake is not None:
             return flow_dmd.gan_head(args, models, fake)
-        return fm.build_discriminator(args, models, addkit.wrap(models.teacher, models.schedule, "flow"))
+        teacher = addkit.wrap(models.teacher, models.schedule, "flow")
+        return fm.build_discriminator(args, models, teacher, dinov2=dinov2)
 
     def student_timesteps(self, args: argparse.Namespace, models: fm.FlowModels) -> Any:
         return models.schedule.timesteps(args.student_steps)

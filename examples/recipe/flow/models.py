@@ -83,6 +83,15 @@ def load_models(args: argparse.Namespace, weight_dtype: torch.dtype) -> FlowMode
 
         cls = StableDiffusion3Pipeline if args.model == "sd3" else FluxPipeline
         pipe = cls.from_pretrained(args.pretrained, revision=args.revision, torch_dtype=weight_dtype)
+    return assemble(args, pipe)
+
+
+def assemble(args: argparse.Namespace, pipe: Any) -> FlowModels:
+    """`FlowModels` from a loaded pipeline (frozen here): the student made from its transformer.
+
+    What `load_models` does after loading, and what the benchmarks do with a pipeline built at
+    real sizes on ``meta`` (``benchmarks/_recipe_step.py``), so both hold the same objects.
+    """
     for module in pipe.components.values():
         if isinstance(module, nn.Module):
             module.requires_grad_(False).eval()
@@ -113,6 +122,28 @@ def load_models(args: argparse.Namespace, weight_dtype: torch.dtype) -> FlowMode
         student.enable_gradient_checkpointing()
     schedule = flow_schedule(pipe, args.resolution)
     return FlowModels(args.model, pipe, student, teacher, schedule, guidance)
+
+
+def placement(models: FlowModels, dtype: torch.dtype) -> list[tuple[nn.Module, torch.dtype, bool]]:
+    """Where each network's weights go: ``(module, dtype, trained_in_float32)``.
+
+    Every pipeline component (a LoRA student's base among them) in the compute ``dtype``; the
+    trained weights in float32 (a LoRA's adapters, or the full student copy). One policy for the
+    recipe (`place_models`) and the memory plan (``benchmarks/_recipe_step.py``).
+    """
+    out = [(m, dtype, False) for m in models.pipe.components.values() if isinstance(m, nn.Module)]
+    lora = models.student is models.transformer
+    return [*out, (models.student, dtype if lora else torch.float32, True)]
+
+
+def place_models(models: FlowModels, device: torch.device, dtype: torch.dtype) -> None:
+    """The networks to ``device`` as `placement` says."""
+    from diffusers.training_utils import cast_training_params
+
+    for module, want, trained in placement(models, dtype):
+        module.to(device, dtype=want)
+        if trained and want != torch.float32:
+            cast_training_params(module, dtype=torch.float32)
 
 
 class PromptEncoder:
@@ -208,11 +239,16 @@ def image_tokens(output: Any) -> torch.Tensor:
 
 
 def build_discriminator(
-    args: argparse.Namespace, models: FlowModels, teacher: Any
+    args: argparse.Namespace, models: FlowModels, teacher: Any, dinov2: dict[str, Any] | None = None
 ) -> addkit.ProjectedDiscriminator:
     """LADD (``--discriminator teacher``) or ADD's DINOv2 (``dinov2``), heads seeded from ``--seed``.
 
-    ``teacher`` is the wrapped teacher (``addkit.wrap``), which the feature network calls.
+    Args:
+        args: the run's flags.
+        models: the run's models.
+        teacher: the wrapped teacher (``addkit.wrap``), which the feature network calls.
+        dinov2: ``ProjectedDiscriminator.from_dinov2``'s network arguments (default: the tiny
+            preset's random network, or ``--dinov2`` with its pretrained weights).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 2)
@@ -232,16 +268,11 @@ def build_discriminator(
             )
             return addkit.ProjectedDiscriminator(features, c_text_dim=models.pooled_dim)
         augment = addkit.DiffAugment() if args.augment else None
-        if args.preset == "tiny":
+        if dinov2 is None and args.preset == "tiny":
             from addkit.testing import tiny_dinov2_kwargs
 
-            return addkit.ProjectedDiscriminator.from_dinov2(
-                c_text_dim=models.pooled_dim, augment=augment, **tiny_dinov2_kwargs()
-            )
-        return addkit.ProjectedDiscriminator.from_dinov2(
-            args.dinov2,
-            pretrained=args.dinov2_weights or True,
-            resolution=args.dinov2_resolution,
-            c_text_dim=models.pooled_dim,
-            augment=augment,
-        )
+            dinov2 = tiny_dinov2_kwargs()
+        network = dinov2 or {
+            "model_name": args.dinov2, "pretrained": args.dinov2_weights or True, "resolution": args.dinov2_resolution,
+        }  # fmt: skip
+        return addkit.ProjectedDiscriminator.from_dinov2(**network, c_text_dim=models.pooled_dim, augment=augment)

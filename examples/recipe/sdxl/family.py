@@ -72,8 +72,13 @@ class SDXLFamily:
             dmd.place_fake_score(fake, device)
         return models, fake
 
-    def discriminator(self, args: argparse.Namespace, models: m.Models, fake: dmd.FakeScore | None) -> nn.Module:
-        return gan_head(args, models, fake) if fake is not None else m.build_discriminator(args, models)
+    def placement(self, models: m.Models, dtype: torch.dtype) -> list:
+        return m.placement(models, dtype)
+
+    def discriminator(
+        self, args: argparse.Namespace, models: m.Models, fake: dmd.FakeScore | None, dinov2: dict | None = None
+    ) -> nn.Module:
+        return gan_head(args, models, fake) if fake is not None else m.build_discriminator(args, models, dinov2)
 
     def student_timesteps(self, args: argparse.Namespace, models: m.Models) -> Any:
         return args.student_timesteps

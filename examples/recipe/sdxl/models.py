@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import recipe.sdxl.random as random_preset
 import addkit
@@ -76,9 +77,21 @@ def load_models(args: argparse.Namespace) -> Models:
             raise RecipeError(f"--pretrained {args.pretrained}: cannot load it ({err})") from err
         native = tiny_world.RESOLUTION if args.preset == "tiny" else 1024 if len(encoders) == 2 else 512
         args.resolution = args.resolution or native
-    for module in (teacher, vae, *encoders):
+    return assemble(args, teacher, vae, scheduler, encoders, tokenizers, load_image_encoder(args))
+
+
+def assemble(
+    args: argparse.Namespace, unet: Any, vae: Any, scheduler: Any, encoders: list, tokenizers: list,
+    image_encoder: Any = None,
+) -> Models:
+    """`Models` from loaded networks (frozen here): the student made from ``unet`` by `make_student`.
+
+    What `load_models` does after loading, and what the benchmarks do with networks built at real
+    sizes on ``meta`` (``benchmarks/_recipe_step.py``), so both hold the same objects.
+    """
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False).eval()
-    student, teacher = make_student(args, teacher)
+    student, teacher = make_student(args, unet)
     models = Models(
         teacher=teacher,
         student=student,
@@ -89,7 +102,7 @@ def load_models(args: argparse.Namespace) -> Models:
         prediction=scheduler.config.prediction_type,
         sdxl=bare(teacher).config.addition_embed_type == "text_time",
         scheduler_config=dict(scheduler.config),
-        image_encoder=load_image_encoder(args),
+        image_encoder=image_encoder,
     )
     _check_resolution(args, models)
     return models
@@ -154,19 +167,30 @@ def _check_resolution(args: argparse.Namespace, models: Models) -> None:
         raise RecipeError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model")
 
 
-def place_models(models: Models, device: torch.device, dtype: torch.dtype) -> None:
-    """Frozen networks to ``device`` in the compute ``dtype`` (the VAE in float32 when it asks for it)."""
-    for module in (models.unet, *models.text_encoders, models.image_encoder):
-        if module is not None:
-            module.to(device, **({} if dtype == torch.float32 else {"dtype": dtype}))
-    upcast = dtype == torch.float16 and getattr(models.vae.config, "force_upcast", False)
-    models.vae.to(device, **({} if dtype == torch.float32 or upcast else {"dtype": dtype}))
-    if models.student is not None and hasattr(models.student, "peft_config"):
-        # LoRA: the frozen base in the compute dtype, the adapter weights in float32
-        from diffusers.training_utils import cast_training_params
+def placement(models: Models, dtype: torch.dtype) -> list[tuple[nn.Module, torch.dtype, bool]]:
+    """Where each frozen network's weights go: ``(module, dtype, lora_in_float32)``.
 
-        models.student.to(device, **({} if dtype == torch.float32 else {"dtype": dtype}))
-        cast_training_params(models.student, dtype=torch.float32)
+    The compute ``dtype`` for the UNet, text and image encoders; the VAE in float32 when it asks
+    for it under float16 (``force_upcast``); a LoRA student's frozen base in ``dtype`` with its
+    adapter weights in float32. A full student stays float32 (autocast computes). One policy for
+    the recipe (`place_models`) and the memory plan (``benchmarks/_recipe_step.py``).
+    """
+    out = [(mod, dtype, False) for mod in (models.unet, *models.text_encoders, models.image_encoder) if mod is not None]
+    upcast = dtype == torch.float16 and getattr(models.vae.config, "force_upcast", False)
+    out.append((models.vae, torch.float32 if upcast else dtype, False))
+    if models.student is not None and hasattr(models.student, "peft_config"):
+        out.append((models.student, dtype, True))
+    return out
+
+
+def place_models(models: Models, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen networks to ``device`` as `placement` says; a LoRA's weights in float32 on its base."""
+    for module, want, lora_fp32 in placement(models, dtype):
+        module.to(device, **({} if want == torch.float32 else {"dtype": want}))
+        if lora_fp32:
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(module, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +307,17 @@ def embed_images(encoder: Any, pixels: torch.Tensor) -> torch.Tensor:
     return encoder((((x + 1) / 2 - mean) / std).to(dtype)).float()
 
 
-def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.ProjectedDiscriminator:
-    """ADD's DINOv2 projected discriminator, or LADD's teacher-feature one (seeded heads)."""
+def build_discriminator(
+    args: argparse.Namespace, models: Models, dinov2: dict[str, Any] | None = None
+) -> addkit.ProjectedDiscriminator:
+    """ADD's DINOv2 projected discriminator, or LADD's teacher-feature one (seeded heads).
+
+    Args:
+        args: the run's flags.
+        models: the run's models.
+        dinov2: ``ProjectedDiscriminator.from_dinov2``'s network arguments (default: the preset's
+            tiny network, or ``--dinov2`` with its pretrained weights).
+    """
     encoder = models.text_encoders[-1].config
     pooled_dim = encoder.projection_dim if models.sdxl else encoder.hidden_size
     c_image_dim = models.image_encoder.num_features if models.image_encoder is not None else None
@@ -294,19 +327,19 @@ def build_discriminator(args: argparse.Namespace, models: Models) -> addkit.Proj
             return addkit.ProjectedDiscriminator(teacher_features(args, models), c_text_dim=pooled_dim)
         augment = addkit.DiffAugment() if args.augment else None
         kwargs = {"c_text_dim": pooled_dim, "c_image_dim": c_image_dim, "augment": augment}
-        if args.preset == "random":
-            return addkit.ProjectedDiscriminator.from_dinov2(**random_preset.dinov2_kwargs(), **kwargs)
-        if args.preset == "tiny":
-            return addkit.ProjectedDiscriminator.from_dinov2(**tiny_world.dinov2_kwargs(), **kwargs)
         try:
-            return addkit.ProjectedDiscriminator.from_dinov2(
-                args.dinov2,
-                pretrained=args.dinov2_weights or True,
-                resolution=args.dinov2_resolution,
-                **kwargs,
-            )
+            return addkit.ProjectedDiscriminator.from_dinov2(**(dinov2 or dinov2_network(args)), **kwargs)
         except FileNotFoundError as err:
             raise RecipeError(f"--dinov2 {args.dinov2}: {err} (or pass --dinov2-weights FILE)") from err
+
+
+def dinov2_network(args: argparse.Namespace) -> dict[str, Any]:
+    """The DINOv2 network the flags name: the preset's tiny one, or ``--dinov2`` with its weights."""
+    if args.preset == "random":
+        return random_preset.dinov2_kwargs()
+    if args.preset == "tiny":
+        return tiny_world.dinov2_kwargs()
+    return {"model_name": args.dinov2, "pretrained": args.dinov2_weights or True, "resolution": args.dinov2_resolution}
 
 
 def teacher_features(args: argparse.Namespace, models: Models) -> addkit.TeacherFeatures:
