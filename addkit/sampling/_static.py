@@ -175,7 +175,7 @@ def capture(body: Callable[[], Tensor], warmup: int, device: torch.device) -> tu
         try:
             with torch.cuda.graph(graph):
                 out = body()
-        except Exception as err:  # noqa: BLE001 - any capture failure: the caller falls back
+        except Exception as err:  # any capture failure: the caller falls back to the eager loop
             torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
             raise CaptureFailed(f"{type(err).__name__}: {err}") from err
     return graph, out

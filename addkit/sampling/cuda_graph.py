@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from addkit._checks import check_choice, check_positive_int
-from addkit.sampling._plan import Plan, make_plan
 from addkit.sampling import _static
+from addkit.sampling._plan import Plan, make_plan
 from addkit.sampling._static import (
     CapturedLoop,
     CaptureFailed,

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from addkit.denoisers import wrap
-from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, sample
-from addkit.sampling import _static
+from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, _static, sample
 from addkit.sampling._static import CapturedLoop, autocast_dtype, flatten, graph_key, rebuild
 from addkit.schedules import VPSchedule
 from addkit.testing import tiny_sdxl_unet, tiny_vae
