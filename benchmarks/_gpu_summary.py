@@ -108,8 +108,11 @@ def _markdown(
             ratios = [f"{e[f'{a}_vs_{b}']:.2f}x" if f"{a}_vs_{b}" in e else "—" for a, b in RATIOS]
             lines.append(f"| {e['steps']} | {' | '.join(ms)} | {' | '.join(ratios)} |")
         description = stages.get("sampler", {}).get("description", "")
+        clock = (
+            "GPU ms per image (CUDA events)" if meta.get("device") == "cuda" else "ms per image (wall time)"
+        )
         parts += [
-            f"Generation, GPU ms per image ({description}); ratio = reference time / variant time.",
+            f"Generation, {clock}: {description}. A ratio `a vs b` is b's time / a's time (above 1: a is faster).",
             "\n".join(lines),
         ]
     for r in stages.get("training", {}).get("results") or []:

@@ -154,10 +154,11 @@ def run_stage(stage: Stage, out: Path, device: torch.device, *, tiny: bool, time
         return _rewrite(
             file, {**(written or {}), "status": "failed"}, reason=f"exit status {rc}", tail=output[-2000:]
         )
-    return written
+    return _rewrite(file, written, seconds_in_stage=written["seconds"])  # seconds: with the process start
 
 
 def _rewrite(file: Any, payload: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Rewrite a stage's payload through the orchestrator's `StageFile` (its seconds, its metadata)."""
     results = payload.pop("results", [])
     status = payload.pop("status")
     keep = {
