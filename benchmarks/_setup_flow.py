@@ -93,7 +93,7 @@ def flow_setup(cfg: StepConfig) -> Callable[[Materializer], Setup]:
             disc = addkit.ProjectedDiscriminator(features, c_text_dim=arch.pooled_dim)
         make(disc, torch.float32)
         b, side = cfg.batch, cfg.resolution
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(make.device).manual_seed(0)  # draws on the step's device
         pixels = make.tensor(lambda: torch.rand(b, 3, side, side) * 2 - 1)
         text = make.tensor(lambda: torch.randn(b, arch.text_len, arch.text_dim))
         pooled = make.tensor(lambda: torch.randn(b, arch.pooled_dim))

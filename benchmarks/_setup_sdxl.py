@@ -60,7 +60,7 @@ def sdxl_setup(cfg: StepConfig) -> Callable[[Materializer], Setup]:
         if cfg.discriminator == "dinov2":
             make(disc.features, torch.float32)
         b, side = cfg.batch, cfg.resolution
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(make.device).manual_seed(0)  # draws on the step's device
         pixels, text, pooled, time_ids = (
             make.tensor(lambda: torch.rand(b, 3, side, side) * 2 - 1),
             make.tensor(lambda: torch.randn(b, arch.text_len, arch.text_dim)),

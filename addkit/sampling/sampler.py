@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from addkit._checks import check_batch, check_choice, check_floating, check_same_shape
+from addkit._random import randn
 from addkit.sampling._plan import Plan, check_denoiser, check_schedule, check_timesteps, make_plan
 from addkit.sampling.renoise import RENOISE, Renoise, renoise_coefficients, renoise_step
 from addkit.typing import Schedule
@@ -82,14 +83,21 @@ def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> 
 
 
 def _fill_noise(buffer: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Fill ``buffer`` with standard normal noise in place (the one way addkit draws it)."""
-    return buffer.normal_(generator=generator)
+    """Fill ``buffer`` in place with standard normal noise drawn on the generator's device."""
+    draw = randn(tuple(buffer.shape), device=buffer.device, dtype=buffer.dtype, generator=generator)
+    return buffer.copy_(draw)
 
 
 def _draw_noises(count: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``count`` standard normal tensors shaped like ``like``, stacked: ``[count, *like.shape]``."""
-    buffer = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
-    return _fill_noise(buffer, generator) if count else buffer
+    """``count`` standard normal tensors shaped like ``like``, stacked: ``[count, *like.shape]``.
+
+    Drawn on the generator's device and moved to ``like``'s (a CPU generator with CUDA samples
+    works, and gives the same numbers as on a CPU).
+    """
+    shape = (count, *like.shape)
+    if not count:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return randn(shape, device=like.device, dtype=like.dtype, generator=generator)
 
 
 def _run_loop(
@@ -153,7 +161,8 @@ def sample(
             ``schedule.timesteps(n)`` for ``n`` steps.
         renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
         generator: draws the re-noising noise (all steps in one draw of shape
-            ``[n - 1, *noise.shape]``); ignored when ``noises`` is given.
+            ``[n - 1, *noise.shape]``, made on the generator's device and moved to
+            ``noise``'s); ignored when ``noises`` is given.
         noises: explicit re-noising noise, a ``[n - 1, *noise.shape]`` tensor or ``n - 1``
             tensors shaped like ``noise`` (for reproducibility and parity tests).
         callback: called as ``callback(i, t_i, x_t, x0)`` after each denoiser call.
