@@ -165,7 +165,9 @@ class DMDObjective:
         self.regression_weight = float(regression_weight)
         if student_timesteps is None:
             student_timesteps = schedule.timesteps(4, "trailing")
-        self.student_timesteps = check_time_values(fn, schedule, student_timesteps, name="student_timesteps")
+        self.student_timesteps = check_time_values(
+            fn, schedule, student_timesteps, name="student_timesteps", sequence=True
+        )
         if not self.student_timesteps:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
 

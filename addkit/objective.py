@@ -262,7 +262,7 @@ class ADDObjective:
     def _student_timesteps(self, fn: str, timesteps: Sequence[float] | None) -> Tensor:
         if timesteps is None:
             timesteps = self.schedule.timesteps(4, "trailing")
-        values = check_time_values(fn, self.schedule, timesteps, name="student_timesteps")
+        values = check_time_values(fn, self.schedule, timesteps, name="student_timesteps", sequence=True)
         if not values:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
         return torch.tensor(values, dtype=self.schedule.time_dtype)
