@@ -30,9 +30,11 @@ __all__ = [
     "check_finite_inputs",
     "check_number",
     "check_batch_vector",
+    "check_broadcasts_to",
     "check_choice",
     "check_finite",
     "check_floating",
+    "check_guidance_scale",
     "check_ndim",
     "check_positive",
     "check_positive_int",
@@ -55,14 +57,10 @@ def check_tensor(fn: str, name: str, x: Any) -> Tensor:
 
 
 def check_floating(fn: str, name: str, x: Any) -> Tensor:
-    """Raise ``TypeError`` unless ``x`` is a floating-point tensor; ``ValueError`` if it has no data (meta)."""
+    """Raise ``TypeError`` unless ``x`` is a floating-point tensor."""
     check_tensor(fn, name, x)
     if not x.is_floating_point():
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.is_meta:
-        raise ValueError(
-            f"{fn}: {name} is on the meta device (a shape without data); move it to a real device first"
-        )
     return x
 
 
@@ -197,8 +195,18 @@ def check_number(
     v = float(value)
     if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
         lo, hi = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
-        raise ValueError(f"{fn}: {name} must be a finite number in [{lo}, {hi}], got {value!r}")
+        bounds = "" if low is None and high is None else f" in [{lo}, {hi}]"
+        raise ValueError(f"{fn}: {name} must be a finite number{bounds}, got {value!r}")
     return v
+
+
+def check_guidance_scale(fn: str, name: str, scale: Any) -> Any:
+    """A scale given as a finite Python number or a floating tensor (its values under value checks)."""
+    if isinstance(scale, Tensor):
+        check_floating(fn, name, scale)
+        check_finite_inputs(fn, **{name: scale})
+        return scale
+    return check_number(fn, name, scale)
 
 
 def check_callable(fn: str, name: str, obj: Any, *, hint: str = "") -> Any:
@@ -228,7 +236,7 @@ def check_positive(fn: str, name: str, value: float, *, allow_zero: bool = False
 
 
 def check_positive_int(fn: str, name: str, value: Any) -> int:
-    """Raise ``TypeError`` unless ``value`` is an integer (not a ``bool``), ``ValueError`` unless it is >= 1."""
+    """Raise ``TypeError`` unless ``value`` is an integer (not a ``bool``), ``ValueError`` if it is < 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be a positive integer, got {type(value).__name__} {value!r}")
     if value < 1:
@@ -243,6 +251,23 @@ def check_batch_vector(fn: str, name: str, x: Tensor, batch: int) -> Tensor:
             f"{fn}: {name} must have shape ({batch},) (one value per sample), "
             f"got {_shape(x)}"
         )
+    return x
+
+
+def check_broadcasts_to(fn: str, name: str, x: Any, like: Tensor, *, like_name: str = "x_t") -> Tensor:
+    """Raise unless ``x`` is a floating tensor that broadcasts to ``like`` without growing it.
+
+    ``x`` must be 0-dim or have ``like``'s rank (a ``[B]`` vector against ``[B, C]`` would
+    broadcast over the channels, not the batch) and sit on ``like``'s device.
+    """
+    check_floating(fn, name, x)
+    if x.ndim not in (0, like.ndim) or torch.broadcast_shapes(x.shape, like.shape) != like.shape:
+        raise ValueError(
+            f"{fn}: {name} must be a scalar or broadcast to {_shape(like)} with the same rank "
+            f"([B, 1, ..., 1]), got shape {_shape(x)}"
+        )
+    if x.ndim:
+        check_same_device(fn, name, x, like_name, like)
     return x
 
 

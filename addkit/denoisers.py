@@ -28,7 +28,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_same_shape
+from addkit._checks import (
+    check_callable,
+    check_finite_inputs,
+    check_floating,
+    check_guidance_scale,
+    check_same_shape,
+)
 from addkit._reduce import append_dims
 from addkit._time import batch_time, check_schedule
 from addkit._unwrap import unwrap_chain, unwrap_module
@@ -85,6 +91,8 @@ def apply_cfg(
     check_same_shape(fn, "cond", cond, "uncond", uncond)
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0.0 <= rescale <= 1.0:
         raise ValueError(f"{fn}: rescale must be a number in [0, 1] (0 = off, 0.7 recommended), got {rescale!r}")
+    check_guidance_scale(fn, "guidance_scale", guidance_scale)
+    check_finite_inputs(fn, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
     scale = torch.as_tensor(guidance_scale, dtype=cond.dtype, device=cond.device)
     if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != cond.shape[0]):
         raise ValueError(
@@ -137,7 +145,7 @@ class WrappedDenoiser(nn.Module):
 
     def __init__(self, model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> None:
         super().__init__()
-        self.model = model
+        self.model = check_callable("WrappedDenoiser", "model", model)
         self.schedule = check_schedule("WrappedDenoiser", schedule)
         self.prediction = normalize_prediction(prediction, fn="WrappedDenoiser")
 
@@ -148,7 +156,19 @@ class WrappedDenoiser(nn.Module):
         """The network's raw prediction for ``x_t`` at ``t`` (scalar or ``[B]``)."""
         fn = type(self).__name__
         check_floating(fn, "x_t", x_t)
-        return self.model(x_t, self._batch_t(t, x_t, fn), **cond)
+        check_finite_inputs(fn, x_t=x_t)
+        return self.model(self._as_model_dtype(x_t), self._batch_t(t, x_t, fn), **cond)
+
+    def _as_model_dtype(self, x_t: Tensor) -> Tensor:
+        """``x_t`` cast (differentiably) to an ``nn.Module`` model's dtype, unless autocast decides.
+
+        A float16 sample into a float32 network (a DMD fake score, a teacher) would otherwise
+        fail inside the first layer; the output is cast back to ``x_t``'s dtype by ``predict``.
+        """
+        dtype = _model_dtype(self.model) if isinstance(self.model, nn.Module) else None
+        if dtype is None or dtype == x_t.dtype or torch.is_autocast_enabled(x_t.device.type):
+            return x_t
+        return x_t.to(dtype)
 
     def predict(
         self,
@@ -183,10 +203,13 @@ class WrappedDenoiser(nn.Module):
         """
         fn = f"{type(self).__name__}.predict"
         check_floating(fn, "x_t", x_t)
+        check_guidance_scale(fn, "guidance_scale", guidance_scale)
+        check_finite_inputs(fn, x_t=x_t, guidance_scale=guidance_scale)
         t = self._batch_t(t, x_t, fn)
+        model_x_t = self._as_model_dtype(x_t)
         guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
         if not guided:
-            raw = self.model(x_t, t, **cond)
+            raw = self.model(model_x_t, t, **cond)
         else:
             if uncond is None:
                 raise ValueError(f"{fn}: guidance_scale={guidance_scale} needs uncond=... (same keys as cond)")
@@ -195,13 +218,14 @@ class WrappedDenoiser(nn.Module):
                     f"{fn}: uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}"
                 )
             both = {k: _cat_cond(fn, uncond[k], cond[k], k) for k in cond}
-            raw_u, raw_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+            raw_u, raw_c = self.model(torch.cat([model_x_t, model_x_t]), torch.cat([t, t]), **both).chunk(2)
             raw = apply_cfg(raw_c, raw_u, guidance_scale, rescale=guidance_rescale)
         check_floating(fn, "model output", raw)
         if raw.shape != x_t.shape:
             raise ValueError(
                 f"{fn}: the model returned shape {tuple(raw.shape)} for x_t of shape {tuple(x_t.shape)}"
             )
+        check_finite_inputs(fn, **{"model output": raw})
         alpha, sigma = self.schedule.coefficients(t, x_t, fn=fn)
         return convert(raw.to(x_t.dtype), x_t, alpha, sigma, source=self.prediction, target=target)
 
@@ -536,6 +560,24 @@ def _is_diffusers(model: Any, *names: str) -> bool:
     return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(inner).__mro__)
 
 
+_ADAPTED = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def _rewrap(denoiser: WrappedDenoiser, schedule: Schedule, prediction: str) -> WrappedDenoiser:
+    """``denoiser`` itself when asked for its own schedule and prediction; refused otherwise."""
+    wanted = normalize_prediction(prediction, fn="wrap")
+    same = schedule is denoiser.schedule or (
+        type(schedule) is type(denoiser.schedule) and repr(schedule) == repr(denoiser.schedule)
+    )
+    if not same or wanted != denoiser.prediction:
+        raise ValueError(
+            f"wrap: model is a WrappedDenoiser already, bound to {denoiser.schedule!r} and "
+            f"prediction={denoiser.prediction!r}; got {schedule!r} and prediction={wanted!r}: wrap its "
+            "network (denoiser.model) instead"
+        )
+    return denoiser
+
+
 def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> WrappedDenoiser:
     """Bind a network to its schedule and prediction type.
 
@@ -546,7 +588,11 @@ def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> W
     (and accelerate's ``prepare``, which returns these): the adapter is chosen from the
     innermost model and calls the wrapper, so that gradient sync, compiled code and LoRA layers
     run.
-    Any other callable ``model(x_t, t, **cond)`` is used as is.
+    Any other callable ``model(x_t, t, **cond)`` is used as is. A denoiser wrapped already is
+    returned unchanged when its schedule and prediction are the ones given (refused otherwise).
+    A plain ``nn.Sequential`` is refused: it takes one input, not ``(x_t, t)``; a diffusers model
+    inside your own module is not detected (it is called as your ``forward`` says), so put the
+    adapter inside (``DiffusersUNetAdapter(unet)``) when your module passes ``x_t`` and ``t`` on.
 
     Args:
         model: the network, bare or wrapped.
@@ -559,13 +605,20 @@ def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> W
         ``.v`` / ``.flow``.
 
     Raises:
-        ValueError: for an unknown prediction type.
-        TypeError: if ``model`` is not callable.
+        ValueError: for an unknown prediction type, or a denoiser wrapped already with another
+            schedule or prediction.
+        TypeError: if ``model`` is not callable, or is a plain ``nn.Sequential``.
     """
     if isinstance(model, WrappedDenoiser):
-        return model
-    if not callable(model):
-        raise TypeError(f"wrap: model must be callable, got {type(model).__name__}")
+        return _rewrap(model, schedule, prediction)
+    check_callable("wrap", "model", model)
+    if type(unwrap_chain(model)[-1]) is nn.Sequential:
+        inside = [type(m).__name__ for m in unwrap_chain(model)[-1].modules() if _is_diffusers(m, *_ADAPTED)]
+        held = f" holding a diffusers {inside[0]}" if inside else ""
+        raise TypeError(
+            f"wrap: model is a plain nn.Sequential{held}, which takes one input, not (x_t, t, **cond): "
+            "pass the network itself, or a module whose forward(x_t, t, **cond) calls it"
+        )
     if _is_diffusers(model, "UNet2DConditionModel", "UNet2DModel"):
         model = DiffusersUNetAdapter(model)  # type: ignore[arg-type]
     elif _is_diffusers(model, "SD3Transformer2DModel"):

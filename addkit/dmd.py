@@ -43,7 +43,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_positive
+from addkit._checks import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_positive,
+)
 from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses.adversarial import hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss
@@ -51,6 +59,7 @@ from addkit.losses.distillation import sample_distillation_timesteps
 from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
 from addkit.objective import StudentInputs
+from addkit.parameterization import normalize_prediction
 from addkit.sampling import sample
 from addkit.typing import Denoiser, Discriminator, Schedule, Teacher
 
@@ -148,6 +157,10 @@ class DMDObjective:
                     f"e.g. addkit.wrap(unet, schedule, 'eps')), got {type(obj).__name__}"
                 )
         check_choice(fn, "gan_loss", gan_loss, tuple(_GAN))
+        check_number(fn, "guidance_scale", guidance_scale)
+        normalize_prediction(fake_prediction, fn=fn)
+        if gan_head is not None:
+            check_callable(fn, "gan_head", gan_head, hint=" (images -> logits, e.g. ProjectedDiscriminator)")
         for name, value in (
             ("gan_weight", gan_weight),
             ("gan_d_weight", gan_d_weight),
@@ -212,6 +225,7 @@ class DMDObjective:
         fn = "DMDObjective.sample_student_inputs"
         check_floating(fn, "noise", noise)
         check_batch(fn, "noise", noise)
+        check_finite_inputs(fn, noise=noise, real=real)
         n = len(self.student_timesteps)
         if step is None:
             cpu = generator if generator is not None and generator.device.type == "cpu" else None

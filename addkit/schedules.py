@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_same_shape
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_same_shape
 from addkit._reduce import append_dims
 from addkit._time import check_time
 
@@ -88,6 +88,7 @@ class _Schedule:
         check_floating(fn, "x0", x0)
         check_floating(fn, "noise", noise)
         check_same_shape(fn, "x0", x0, "noise", noise)
+        check_finite_inputs(fn, x0=x0, noise=noise)
         a, s = self.coefficients(t, x0, fn=fn)
         return (a * x0 + s * noise).to(x0.dtype)
 

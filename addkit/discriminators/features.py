@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_ndim, check_positive_int
+from addkit._checks import check_finite_inputs, check_floating, check_ndim, check_positive_int
 from addkit.typing import FeatureNetwork
 
 __all__ = [
@@ -73,6 +73,7 @@ def check_images(fn: str, images: Any, *, channels: int | None = 3) -> Tensor:
             f"{fn}: images must have {channels} channels ([B, {channels}, H, W] in [-1, 1]), "
             f"got shape {tuple(images.shape)}"
         )
+    check_finite_inputs(fn, images=images)
     return images
 
 

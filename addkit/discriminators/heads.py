@@ -47,7 +47,7 @@ from einops import einsum
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from addkit._checks import check_choice, check_floating, check_ndim
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim
 
 __all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "HeadNorm", "SampleNorm", "projection_logits"]
 
@@ -70,6 +70,13 @@ def projection_logits(h: Tensor, cmap: Tensor) -> Tensor:
         >>> projection_logits(torch.ones(1, 4, 3), torch.ones(1, 4))
         tensor([[2., 2., 2.]])
     """
+    fn = "projection_logits"
+    check_ndim(fn, "h", check_floating(fn, "h", h), 3, layout="[B, d, N]")
+    check_ndim(fn, "cmap", check_floating(fn, "cmap", cmap), 2, layout="[B, d]")
+    if cmap.shape != h.shape[:2]:
+        want, got = tuple(h.shape[:2]), tuple(cmap.shape)
+        raise ValueError(f"{fn}: cmap must have shape {want} ([B, d] of h), got {got}")
+    check_finite_inputs(fn, h=h, cmap=cmap)
     return einsum(h, cmap, "b d n, b d -> b n") / math.sqrt(h.shape[1])
 
 
@@ -119,7 +126,8 @@ class BatchNormLocal(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("BatchNormLocal", "x", x, 3, layout="[B, C, N]")
+        check_ndim("BatchNormLocal", "x", check_floating("BatchNormLocal", "x", x), 3, layout="[B, C, N]")
+        check_finite_inputs("BatchNormLocal", x=x)
         B, C, N = x.shape
         groups = math.ceil(B / self.virtual_batch_size)
         idx = self.group_index(B, x.device)
@@ -164,7 +172,8 @@ class SampleNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("SampleNorm", "x", x, 3, layout="[B, C, N]")
+        check_ndim("SampleNorm", "x", check_floating("SampleNorm", "x", x), 3, layout="[B, C, N]")
+        check_finite_inputs("SampleNorm", x=x)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = F.group_norm(x32, 1, self.weight.to(x32.dtype), self.bias.to(x32.dtype), self.eps)
         return y.to(x.dtype)
@@ -195,6 +204,7 @@ class EqualizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, d_in] -> [B, d_out]``."""
+        check_finite_inputs("EqualizedLinear", x=check_floating("EqualizedLinear", "x", x))
         return F.linear(x, self.weight * self.gain, self.bias)
 
 
@@ -264,6 +274,7 @@ class DiscHead(nn.Module):
         fn = "DiscHead"
         check_floating(fn, "x", x)
         check_ndim(fn, "x", x, 3, layout="[B, C, N]")
+        check_finite_inputs(fn, x=x, c=c)
         if x.shape[1] != self.channels:
             raise ValueError(f"{fn}: x must have {self.channels} channels, got shape {tuple(x.shape)}")
         if x.shape[2] < self.kernel_size // 2:

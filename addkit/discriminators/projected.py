@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_floating
+from addkit._checks import check_finite_inputs, check_floating
 from addkit.discriminators.clip import CLIPFeatures
 from addkit.discriminators.heads import DiscHead, HeadNorm
 from addkit.discriminators.vit import DINOv2Features
@@ -231,6 +231,7 @@ class ProjectedDiscriminator(nn.Module):
         check_floating(fn, "images", images)
         if images.ndim == 0 or images.shape[0] == 0:
             raise ValueError(f"{fn}: images must hold at least one sample [B, ...], got shape {tuple(images.shape)}")
+        check_finite_inputs(fn, images=images)
         images = self._as_feature_dtype(images)
         if self._features_take_generator:
             feature_kwargs["generator"] = generator
@@ -289,6 +290,7 @@ class ProjectedDiscriminator(nn.Module):
             raise ValueError(
                 f"{fn}: expected {len(self.heads)} feature tensors (one per head), got {len(features)}"
             )
+        check_finite_inputs(fn, features=list(features), c_text=c_text, c_image=c_image)
         c = self._conditioning(fn, c_text, c_image, features[0].shape[0])
         dtype = next(self.heads.parameters()).dtype
         cast = not torch.is_autocast_enabled(features[0].device.type)

@@ -24,13 +24,22 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_same_shape, checking_values
+from addkit._checks import (
+    check_batch,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_guidance_scale,
+    check_positive_int,
+    check_same_shape,
+    checking_values,
+)
 from addkit._random import rand, randint
 from addkit._reduce import per_sample_mean, reduce_loss
 from addkit._time import check_schedule, check_time_values
@@ -103,6 +112,7 @@ def distillation_weight(
         tensor([0.2400])
     """
     fn = "distillation_weight"
+    check_finite_inputs(fn, alpha=check_floating(fn, "alpha", alpha), sigma=check_floating(fn, "sigma", sigma))
     if callable(weighting):
         c = torch.as_tensor(weighting(t, alpha, sigma))
         if c.shape != alpha.shape:
@@ -160,9 +170,11 @@ def sample_distillation_timesteps(
         True
     """
     fn = "sample_distillation_timesteps"
-    if batch < 1:
-        raise ValueError(f"{fn}: batch must be >= 1, got {batch}")
+    check_positive_int(fn, "batch", batch)
     check_schedule(fn, schedule)
+    pair = isinstance(t_range, Sequence) and not isinstance(t_range, str) and len(t_range) == 2
+    if t_range is not None and not pair:
+        raise TypeError(f"{fn}: t_range must be a pair (low, high) in schedule units, got {t_range!r}")
     discrete = schedule.is_discrete
     if t_range is None:
         lo, hi = DEFAULT_T_FRACTION
@@ -308,6 +320,8 @@ def distillation_loss(
     check_batch(fn, "student_x0", student_x0)
     check_floating(fn, "noise", noise)
     check_same_shape(fn, "student_x0", student_x0, "noise", noise)
+    check_guidance_scale(fn, "guidance_scale", guidance_scale)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise)
     check_choice(fn, "space", space, ("latent", "pixel"))
     if space == "pixel" and decode is None:
         raise ValueError(f"{fn}: space='pixel' needs decode=<latents -> images>, got None")

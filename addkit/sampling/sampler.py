@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_batch, check_choice, check_floating, check_same_shape
+from addkit._checks import check_batch, check_choice, check_finite_inputs, check_floating, check_same_shape
 from addkit.sampling._plan import Plan, check_denoiser, check_schedule, check_timesteps, make_plan
-from addkit.sampling.renoise import RENOISE, Renoise, renoise_coefficients, renoise_step
+from addkit.sampling.renoise import RENOISE, Renoise, apply_renoise, renoise_coefficients
 from addkit.typing import Schedule
 
 __all__ = ["DEFAULT_TIMESTEPS", "FewStepSampler", "sample"]
@@ -51,7 +51,9 @@ Noises = Tensor | Sequence[Tensor]
 def _check_noise(fn: str, noise: Any) -> Tensor:
     """Raise unless ``noise`` is a floating tensor with a batch dimension."""
     check_floating(fn, "noise", noise)
-    return check_batch(fn, "noise", noise)
+    check_batch(fn, "noise", noise)
+    check_finite_inputs(fn, noise=noise)
+    return noise
 
 
 def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> Noises | None:
@@ -78,6 +80,7 @@ def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> 
     for i, z in enumerate(items):
         check_floating(fn, f"noises[{i}]", z)
         check_same_shape(fn, "noise", noise, f"noises[{i}]", z)
+    check_finite_inputs(fn, noises=list(items))
     return noises
 
 
@@ -108,7 +111,7 @@ def _run_loop(
         if callback is not None:
             callback(i, plan.timesteps[i], x_t, x0)
         if i + 1 < steps:
-            x_t = renoise_step(x_t, x0, noises[i], plan.k[i])
+            x_t = apply_renoise(x_t, x0, noises[i], plan.k[i])
     return x0
 
 
