@@ -36,6 +36,7 @@ from addkit._checks import (
     check_same_shape,
 )
 from addkit._reduce import append_dims
+from addkit._dtype import as_module_dtype, module_dtype
 from addkit._time import batch_time, check_schedule
 from addkit._unwrap import unwrap_chain, unwrap_module
 from addkit.parameterization import convert, normalize_prediction
@@ -157,18 +158,13 @@ class WrappedDenoiser(nn.Module):
         fn = type(self).__name__
         check_floating(fn, "x_t", x_t)
         check_finite_inputs(fn, x_t=x_t)
-        return self.model(self._as_model_dtype(x_t), self._batch_t(t, x_t, fn), **cond)
+        model_x_t = self._as_model_dtype(x_t)
+        out = self.model(model_x_t, self._batch_t(t, x_t, fn), **cond)
+        return out if model_x_t is x_t else out.to(x_t.dtype)
 
     def _as_model_dtype(self, x_t: Tensor) -> Tensor:
-        """``x_t`` cast (differentiably) to an ``nn.Module`` model's dtype, unless autocast decides.
-
-        A float16 sample into a float32 network (a DMD fake score, a teacher) would otherwise
-        fail inside the first layer; the output is cast back to ``x_t``'s dtype by ``predict``.
-        """
-        dtype = _model_dtype(self.model) if isinstance(self.model, nn.Module) else None
-        if dtype is None or dtype == x_t.dtype or torch.is_autocast_enabled(x_t.device.type):
-            return x_t
-        return x_t.to(dtype)
+        """``x_t`` in an ``nn.Module`` model's dtype, cast back afterwards (see `addkit._dtype`)."""
+        return as_module_dtype(x_t, self.model) if isinstance(self.model, nn.Module) else x_t
 
     def predict(
         self,
@@ -246,15 +242,6 @@ class WrappedDenoiser(nn.Module):
         return self.predict(x_t, t, target="flow", **kwargs)
 
 
-def _model_dtype(model: Any) -> torch.dtype | None:
-    """dtype of the first parameter of the innermost model that has one (wrappers included)."""
-    for module in reversed(unwrap_chain(model)):
-        param = next(module.parameters(), None) if isinstance(module, nn.Module) else None
-        if param is not None:
-            return param.dtype
-    return None
-
-
 class DiffusersUNetAdapter(nn.Module):
     """Call a diffusers UNet (``UNet2DConditionModel``, ``UNet2DModel``) as ``f(x_t, t, **cond)``.
 
@@ -282,7 +269,7 @@ class DiffusersUNetAdapter(nn.Module):
         **cond: Any,
     ) -> Tensor:
         """Run the UNet; ``cond`` holds e.g. ``encoder_hidden_states`` or ``class_labels``."""
-        dtype = _model_dtype(self.unet) or x_t.dtype
+        dtype = module_dtype(self.unet) or x_t.dtype
         added = dict(cond.pop("added_cond_kwargs", None) or {})
         if text_embeds is not None:
             added["text_embeds"] = text_embeds
@@ -319,7 +306,7 @@ class DiffusersTransformerAdapter(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Run the transformer with ``hidden_states=x_t`` and the diffusers timestep."""
-        dtype = _model_dtype(self.transformer) or x_t.dtype
+        dtype = module_dtype(self.transformer) or x_t.dtype
         if self.schedule.is_discrete:
             timestep = t
         else:
@@ -381,7 +368,7 @@ class DiffusersFluxAdapter(nn.Module):
                 f"{fn}: x_t must be unpacked latents [B, C, H, W] with even H and W (2x2 patches), "
                 f"got shape {tuple(x_t.shape)}"
             )
-        dtype = _model_dtype(self.transformer) or x_t.dtype
+        dtype = module_dtype(self.transformer) or x_t.dtype
         h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
         guidance = self._guidance(fn, cond.pop("guidance", None), x_t)
         text = cond.get("encoder_hidden_states")

@@ -55,7 +55,7 @@ from addkit._checks import (
 from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses.adversarial import hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss
-from addkit.losses.distillation import sample_distillation_timesteps
+from addkit.losses.distillation import check_t_range, sample_distillation_timesteps
 from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
 from addkit.objective import StudentInputs
@@ -158,6 +158,8 @@ class DMDObjective:
                 )
         check_choice(fn, "gan_loss", gan_loss, tuple(_GAN))
         check_number(fn, "guidance_scale", guidance_scale)
+        if dm_t_range is not None:
+            check_t_range(fn, schedule, dm_t_range, name="dm_t_range")
         normalize_prediction(fake_prediction, fn=fn)
         if gan_head is not None:
             check_callable(fn, "gan_head", gan_head, hint=" (images -> logits, e.g. ProjectedDiscriminator)")

@@ -51,8 +51,10 @@ from addkit.losses.adversarial import (
     non_saturating_g_loss,
 )
 from addkit.losses.distillation import (
+    DISTANCES,
     Distance,
     Weighting,
+    check_t_range,
     distillation_loss,
     sample_distillation_timesteps,
 )
@@ -245,6 +247,8 @@ class ADDObjective:
             check_number(fn, "guidance_scale", guidance_scale)
         if nfsd_threshold is not None:
             check_number(fn, "nfsd_threshold", nfsd_threshold)
+        if isinstance(distance, str):
+            check_choice(fn, "distance", distance, DISTANCES)
         check_positive(fn, "r1_sigma", r1_sigma)
         if isinstance(r1_placement, str):
             check_choice(fn, "r1_placement", r1_placement, get_args(R1Placement))
@@ -255,6 +259,8 @@ class ADDObjective:
         gamma = self.r1.default_gamma if r1_gamma is None else r1_gamma
         check_positive(fn, "r1_gamma", gamma, allow_zero=True)
         check_schedule(fn, schedule)
+        if distill_t_range is not None:
+            check_t_range(fn, schedule, distill_t_range, name="distill_t_range")
         if not callable(getattr(teacher, "predict", None)) and lambda_distill > 0:
             raise TypeError(
                 f"{fn}: teacher must satisfy addkit.typing.Teacher (predict(x_t, t, target=..., ...), "
@@ -514,12 +520,13 @@ class ADDObjective:
         if not regularise:
             return self._logits(real, c_text, c_image, generator, **fk), None
         cond = {k: v for k, v in (("c_text", c_text), ("c_image", c_image)) if v is not None}
-        logits, r1 = self.r1(self._require_discriminator(), real, generator=generator, feature_kwargs=fk, **cond)
+        D = self._require_discriminator()
+        logits, r1 = self.r1(D, real, generator=generator, feature_kwargs=fk, **cond)
         if not isinstance(r1, Tensor) or r1.ndim != 0:
             got = tuple(r1.shape) if isinstance(r1, Tensor) else type(r1).__name__
             raise ValueError(
-                f"ADDObjective.discriminator_loss: the R1 placement {self.r1!r} must return (logits, a scalar "
-                f"penalty), got a penalty of shape {got}: reduce it over the batch (e.g. .mean())"
+                f"ADDObjective.discriminator_loss: the R1 placement {self.r1!r} must return (logits, "
+                f"a scalar penalty), got a penalty of shape {got}: reduce it over the batch (e.g. .mean())"
             )
         return logits, r1
 

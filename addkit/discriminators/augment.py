@@ -148,8 +148,9 @@ class DiffAugment(nn.Module):
     ) -> None:
         super().__init__()
         self.policy = _parse_policy("DiffAugment", policy)
-        self.translation_ratio = translation_ratio
-        self.cutout_ratio = cutout_ratio
+        fn = "DiffAugment"
+        self.translation_ratio = check_positive(fn, "translation_ratio", translation_ratio, allow_zero=True)
+        self.cutout_ratio = check_positive(fn, "cutout_ratio", cutout_ratio, allow_zero=True)
 
     def extra_repr(self) -> str:
         return f"policy={','.join(self.policy)!r}"

@@ -47,7 +47,7 @@ from einops import einsum
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim, check_positive_int
 
 __all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "HeadNorm", "SampleNorm", "projection_logits"]
 
@@ -112,8 +112,8 @@ class BatchNormLocal(nn.Module):
         self, num_features: int, *, virtual_batch_size: int = 8, eps: float = 1e-5, affine: bool = True
     ) -> None:
         super().__init__()
-        if virtual_batch_size < 1:
-            raise ValueError(f"BatchNormLocal: virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        check_positive_int("BatchNormLocal", "num_features", num_features)
+        check_positive_int("BatchNormLocal", "virtual_batch_size", virtual_batch_size)
         self.virtual_batch_size = int(virtual_batch_size)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
@@ -166,6 +166,7 @@ class SampleNorm(nn.Module):
 
     def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
         super().__init__()
+        check_positive_int("SampleNorm", "num_features", num_features)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
@@ -198,6 +199,8 @@ class EqualizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        check_positive_int("EqualizedLinear", "in_features", in_features)
+        check_positive_int("EqualizedLinear", "out_features", out_features)
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.gain = 1.0 / math.sqrt(in_features)
@@ -254,7 +257,11 @@ class DiscHead(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("DiscHead", "norm", norm, ("sample", "batch"))
-        if kernel_size < 1 or kernel_size % 2 == 0:
+        for name, value in (("channels", channels), ("cmap_dim", cmap_dim), ("kernel_size", kernel_size)):
+            check_positive_int("DiscHead", name, value)
+        if c_dim is not None:
+            check_positive_int("DiscHead", "c_dim", c_dim)
+        if kernel_size % 2 == 0:
             raise ValueError(f"DiscHead: kernel_size must be a positive odd number, got {kernel_size}")
         self.channels = int(channels)
         self.c_dim = c_dim

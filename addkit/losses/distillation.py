@@ -65,7 +65,7 @@ Distance = Literal["l2", "l2_sum"] | Callable[[Tensor, Tensor], Tensor]
 callable ``d(student, target) -> [B]``."""
 
 _WEIGHTINGS = ("exponential", "sds", "nfsd")
-_DISTANCES = ("l2", "l2_sum")
+DISTANCES = ("l2", "l2_sum")
 DEFAULT_T_FRACTION = (0.02, 0.98)
 """Teacher times as fractions of the schedule (DreamFusion's range; ADD does not state one)."""
 
@@ -112,7 +112,8 @@ def distillation_weight(
         tensor([0.2400])
     """
     fn = "distillation_weight"
-    check_finite_inputs(fn, alpha=check_floating(fn, "alpha", alpha), sigma=check_floating(fn, "sigma", sigma))
+    check_floating(fn, "alpha", alpha)
+    check_finite_inputs(fn, alpha=alpha, sigma=check_floating(fn, "sigma", sigma))
     if callable(weighting):
         c = torch.as_tensor(weighting(t, alpha, sigma))
         if c.shape != alpha.shape:
@@ -172,21 +173,26 @@ def sample_distillation_timesteps(
     fn = "sample_distillation_timesteps"
     check_positive_int(fn, "batch", batch)
     check_schedule(fn, schedule)
-    pair = isinstance(t_range, Sequence) and not isinstance(t_range, str) and len(t_range) == 2
-    if t_range is not None and not pair:
-        raise TypeError(f"{fn}: t_range must be a pair (low, high) in schedule units, got {t_range!r}")
     discrete = schedule.is_discrete
     if t_range is None:
         lo, hi = DEFAULT_T_FRACTION
         T = schedule.num_train_timesteps
         t_range = (round(lo * T), round(hi * T)) if discrete else (lo, hi)
-    low, high = schedule.t_range
-    lo, hi = check_time_values(fn, schedule, list(t_range), name="t_range")
-    if not lo <= hi:
-        raise ValueError(f"{fn}: t_range must satisfy {low} <= low <= high <= {high}, got {t_range}")
+    lo, hi = check_t_range(fn, schedule, t_range)
     if discrete:
         return randint(int(lo), int(hi) + 1, (batch,), device=device, generator=generator)
     return lo + (hi - lo) * rand((batch,), device=device, generator=generator)
+
+
+def check_t_range(fn: str, schedule: Schedule, t_range: Any, *, name: str = "t_range") -> tuple[Any, Any]:
+    """``t_range`` as ``(low, high)`` in schedule units, checked on the host (a pair, in range, ordered)."""
+    if isinstance(t_range, str) or not isinstance(t_range, Sequence) or len(t_range) != 2:
+        raise TypeError(f"{fn}: {name} must be a pair (low, high) in schedule units, got {t_range!r}")
+    low, high = schedule.t_range
+    lo, hi = check_time_values(fn, schedule, list(t_range), name=name)
+    if not lo <= hi:
+        raise ValueError(f"{fn}: {name} must satisfy {low} <= low <= high <= {high}, got {tuple(t_range)}")
+    return lo, hi
 
 
 def _distance(fn: str, distance: Distance, a: Tensor, b: Tensor) -> Tensor:
@@ -197,7 +203,7 @@ def _distance(fn: str, distance: Distance, a: Tensor, b: Tensor) -> Tensor:
                 f"{fn}: the distance callable must return shape ({a.shape[0]},), got {tuple(d.shape)}"
             )
         return d
-    check_choice(fn, "distance", distance, _DISTANCES)
+    check_choice(fn, "distance", distance, DISTANCES)
     dtype = torch.promote_types(a.dtype, torch.float32)  # low precision inputs: square in fp32
     sq = (a.to(dtype) - b.to(dtype)).square()
     return per_sample_mean(sq) if distance == "l2" else sq.flatten(1).sum(1)

@@ -211,6 +211,7 @@ def r1_penalty_images(
         Mescheder et al., arXiv 1801.04406, §4.1.
     """
     check_floating("r1_penalty_images", "real_images", real_images)
+    check_callable("r1_penalty_images", "discriminator", discriminator)
     check_finite_inputs("r1_penalty_images", real_images=real_images)
     return _logits_and_r1_on_images(lambda x: discriminator(x, **cond), real_images, reduction)[1]
 
