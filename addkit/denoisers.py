@@ -195,7 +195,10 @@ class WrappedDenoiser(nn.Module):
 
         Raises:
             ValueError: if guidance is asked without ``uncond`` or with mismatched
-                conditioning.
+                conditioning, or a Python timestep lies outside the schedule.
+            RuntimeError: for a tensor ``t`` with a value outside the schedule (a device-side
+                check, no host read; on CUDA a device-side assert; a ``ValueError`` under
+                [`addkit.value_checks`][addkit.checks.value_checks]).
         """
         fn = f"{type(self).__name__}.predict"
         check_floating(fn, "x_t", x_t)

@@ -116,7 +116,10 @@ class _Schedule:
             ``(alpha, sigma)``, each of rank ``like.ndim``.
 
         Raises:
-            ValueError: if ``t`` is a tensor whose length is not ``like.shape[0]``.
+            ValueError: if ``t`` is a tensor whose length is not ``like.shape[0]``, or a Python
+                timestep outside ``t_range``.
+            RuntimeError: for a tensor ``t`` with a value outside ``t_range`` (checked on the
+                device without a host read; a ``ValueError`` under value checks).
         """
         fn = fn or f"{type(self).__name__}.coefficients"
         t = self._check_t(fn, t)

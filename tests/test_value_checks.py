@@ -48,7 +48,6 @@ EXEMPT: dict[str, str] = {
     "EagerFallbackWarning": "a warning class",
     "r1_context": "a context manager without arguments",
     "default_taps": "an int depth to tap indices (checked always)",
-    "r1_regularizer": "picks an R1 object by name (no tensors; its sigma as ApproximateR1's)",
     # addkit.testing: builders of tiny test models and the host-read counter (no tensor values)
     "HostRead": "addkit.testing: a record",
     "HostReads": "addkit.testing: a record",
@@ -235,6 +234,7 @@ PROBES: dict[str, tuple[str, Callable[[], Any]]] = {
     ),
     "r1_penalty_images": ("real_images", lambda: losses.r1_penalty_images(lambda x: x.flatten(1), nan(2, 3))),
     "regression_loss": ("teacher_x0", lambda: losses.regression_loss(ones(2, 3), nan(2, 3))),
+    "r1_regularizer": ("sigma", lambda: losses.r1_regularizer("approximate", sigma=NAN)),
     # addkit.sampling
     "renoise_coefficients": (
         "timesteps",
