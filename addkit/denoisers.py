@@ -35,8 +35,8 @@ from addkit._checks import (
     check_guidance_scale,
     check_same_shape,
 )
-from addkit._reduce import append_dims
 from addkit._dtype import as_module_dtype, module_dtype
+from addkit._reduce import append_dims
 from addkit._time import batch_time, check_schedule
 from addkit._unwrap import unwrap_chain, unwrap_module
 from addkit.parameterization import convert, normalize_prediction
@@ -93,7 +93,7 @@ def apply_cfg(
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0.0 <= rescale <= 1.0:
         raise ValueError(f"{fn}: rescale must be a number in [0, 1] (0 = off, 0.7 recommended), got {rescale!r}")
     check_guidance_scale(fn, "guidance_scale", guidance_scale)
-    check_finite_inputs(fn, cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+    check_finite_inputs(fn, cond=cond, uncond=uncond)
     scale = torch.as_tensor(guidance_scale, dtype=cond.dtype, device=cond.device)
     if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != cond.shape[0]):
         raise ValueError(
@@ -203,7 +203,7 @@ class WrappedDenoiser(nn.Module):
         fn = f"{type(self).__name__}.predict"
         check_floating(fn, "x_t", x_t)
         check_guidance_scale(fn, "guidance_scale", guidance_scale)
-        check_finite_inputs(fn, x_t=x_t, guidance_scale=guidance_scale)
+        check_finite_inputs(fn, x_t=x_t)
         t = self._batch_t(t, x_t, fn)
         model_x_t = self._as_model_dtype(x_t)
         guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
@@ -217,7 +217,8 @@ class WrappedDenoiser(nn.Module):
                     f"{fn}: uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}"
                 )
             both = {k: _cat_cond(fn, uncond[k], cond[k], k) for k in cond}
-            raw_u, raw_c = self.model(torch.cat([model_x_t, model_x_t]), torch.cat([t, t]), **both).chunk(2)
+            doubled = torch.cat([model_x_t, model_x_t])
+            raw_u, raw_c = self.model(doubled, torch.cat([t, t]), **both).chunk(2)
             raw = apply_cfg(raw_c, raw_u, guidance_scale, rescale=guidance_rescale)
         check_floating(fn, "model output", raw)
         if raw.shape != x_t.shape:
