@@ -43,15 +43,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_positive
+from addkit._checks import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_positive,
+)
 from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses.adversarial_registry import ADVERSARIAL_LOSSES, AdversarialLoss, AdversarialLossName
 from addkit.losses.adversarial_registry import adversarial_loss as resolve_adversarial_loss
-from addkit.losses.distillation import sample_distillation_timesteps
+from addkit.losses.distillation import check_t_range, sample_distillation_timesteps
 from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
 from addkit.objective import StudentInputs
+from addkit.parameterization import normalize_prediction
 from addkit.sampling import sample
 from addkit.typing import Denoiser, Discriminator, Schedule, Teacher
 
@@ -145,6 +154,12 @@ class DMDObjective:
                 )
         if isinstance(gan_loss, str):
             check_choice(fn, "gan_loss", gan_loss, tuple(ADVERSARIAL_LOSSES))
+        check_number(fn, "guidance_scale", guidance_scale)
+        if dm_t_range is not None:
+            check_t_range(fn, schedule, dm_t_range, name="dm_t_range")
+        normalize_prediction(fake_prediction, fn=fn)
+        if gan_head is not None:
+            check_callable(fn, "gan_head", gan_head, hint=" (images -> logits, e.g. ProjectedDiscriminator)")
         for name, value in (
             ("gan_weight", gan_weight),
             ("gan_d_weight", gan_d_weight),
@@ -163,7 +178,9 @@ class DMDObjective:
         self.regression_weight = float(regression_weight)
         if student_timesteps is None:
             student_timesteps = schedule.timesteps(4, "trailing")
-        self.student_timesteps = check_time_values(fn, schedule, student_timesteps, name="student_timesteps")
+        self.student_timesteps = check_time_values(
+            fn, schedule, student_timesteps, name="student_timesteps", sequence=True
+        )
         if not self.student_timesteps:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
 
@@ -208,6 +225,7 @@ class DMDObjective:
         fn = "DMDObjective.sample_student_inputs"
         check_floating(fn, "noise", noise)
         check_batch(fn, "noise", noise)
+        check_finite_inputs(fn, noise=noise, real=real)
         n = len(self.student_timesteps)
         if step is None:
             cpu = generator if generator is not None and generator.device.type == "cpu" else None

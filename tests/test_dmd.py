@@ -208,3 +208,41 @@ def test_bad_arguments() -> None:
         DMDObjective(UserTeacher(), UserFakeScore(), VP, gan_loss=(_w_d, _w_g))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gan_weight must be a finite non-negative number"):
         DMDObjective(UserTeacher(), UserFakeScore(), VP, gan_weight=-1.0)
+
+
+class EpsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.conv(x_t)
+
+
+def test_a_dmd2_step_reads_nothing_back_from_the_device() -> None:
+    # wrapped scores see tensor timesteps (range-checked on the device), the GAN head reads the
+    # fake score's features at logit-normal noise levels; the student step is given (the recipe draws it)
+    from addkit.testing import count_host_reads
+
+    fake_net = EpsNet()
+    fake = wrap(fake_net, VP, "eps")
+    feats = TeacherFeatures(fake_net, VP, ["conv"], channels=[2], freeze=False)
+    obj = DMDObjective(wrap(EpsNet(), VP, "eps"), fake, VP, gan_head=ProjectedDiscriminator(feats))
+    student = wrap(EpsNet(), VP, "x0")
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> tuple[Tensor, Tensor]:
+        noise = torch.randn(2, 2, 8, 8, generator=g)
+        inp = obj.sample_student_inputs(noise, student=student, step=2, generator=g)
+        x0 = student.x0(inp.x_t, inp.t)
+        loss_g, _ = obj.generator_loss(x0, generator=g)
+        loss_g.backward()
+        loss_f, _ = obj.fake_score_loss(x0, real=torch.randn(2, 2, 8, 8, generator=g), generator=g)
+        loss_f.backward()
+        return loss_g.detach(), loss_f.detach()
+
+    step()  # lazy initialisation outside the count
+    with count_host_reads() as reads:
+        loss_g, loss_f = step()
+    assert reads.count == 0, reads.summary()
+    assert torch.isfinite(loss_g) and torch.isfinite(loss_f)

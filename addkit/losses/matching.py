@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_floating, check_same_shape
+from addkit._checks import (
+    check_batch,
+    check_broadcasts_to,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_same_shape,
+)
 from addkit._random import randn
 from addkit._reduce import per_sample_mean, reduce_loss
 from addkit._time import check_schedule
@@ -117,6 +124,8 @@ def distribution_matching_loss(
     fn = "distribution_matching_loss"
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise, t=t)
+    check_number(fn, "guidance_scale", guidance_scale)
     check_schedule(fn, schedule)
     cond = dict(cond or {})
     with torch.no_grad():
@@ -151,7 +160,12 @@ def prediction_target(prediction: str, x0: Tensor, noise: Tensor, alpha: Tensor,
         >>> prediction_target("v", x0, eps, torch.tensor([[0.6]]), torch.tensor([[0.8]]))
         tensor([[-0.8000, -0.8000]])
     """
-    name = normalize_prediction(prediction, fn="prediction_target")
+    fn = "prediction_target"
+    name = normalize_prediction(prediction, fn=fn)
+    check_same_shape(fn, "x0", check_floating(fn, "x0", x0), "noise", check_floating(fn, "noise", noise))
+    check_broadcasts_to(fn, "alpha", alpha, x0, like_name="x0")
+    check_broadcasts_to(fn, "sigma", sigma, x0, like_name="x0")
+    check_finite_inputs(fn, x0=x0, noise=noise, alpha=alpha, sigma=sigma)
     if name == "eps":
         return noise
     if name == "x0":
@@ -210,6 +224,7 @@ def fake_score_loss(
     fn = "fake_score_loss"
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise, t=t)
     check_schedule(fn, schedule)
     x = student_x0.detach()
     x_t, t, noise = _noised(fn, x, schedule, t, noise, generator)
@@ -249,6 +264,7 @@ def regression_loss(
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
     check_same_shape(fn, "student_x0", student_x0, "teacher_x0", teacher_x0)
+    check_finite_inputs(fn, student_x0=student_x0, teacher_x0=teacher_x0)
     target = teacher_x0.detach()
     if distance is None:
         per_sample = per_sample_mean((student_x0.float() - target.float()).square())
