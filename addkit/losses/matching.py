@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 NORMALISER_FLOOR = 1e-6
-"""The floor $\varepsilon$ on the matching normaliser $\operatorname{mean}|\hat x - \hat x_0^\text{real}|$.
+r"""The floor $\varepsilon$ on the matching normaliser $\operatorname{mean}|\hat x - \hat x_0^\text{real}|$.
 
 Far below that mean for any sample the teacher does not reproduce exactly (data-scale inputs
 give values of order 0.1-1); at the floor the gradient is large but finite, and a gradient
