@@ -129,14 +129,15 @@ def dmd_config_dict(cfg: DMDConfig) -> dict:
     return asdict(cfg)
 
 
-def dmd_runs(
-    main_seeds: tuple[int, ...], ablation_seeds: tuple[int, ...], steps: int
-) -> list[tuple[str, DMDConfig, tuple[int, ...]]]:
-    """(row label, run config, seeds) of the DMD2 rows: with the GAN head (main) and without."""
+def dmd_runs(seeds: tuple[int, ...], steps: int) -> list[tuple[str, DMDConfig, tuple[int, ...]]]:
+    """(row label, run config, seeds) of the DMD2 rows: with the GAN head and without.
+
+    Both rows take the main seeds: whether the head helps is read against the seed spread.
+    """
     base = DMDConfig(steps=steps)
     return [
-        ("DMD2 (distribution matching + GAN head)", base, main_seeds),
-        ("DMD2 without GAN head", DMDConfig(name="dmd2_no_gan", steps=steps, gan=False), ablation_seeds),
+        ("DMD2 (distribution matching + GAN head)", base, seeds),
+        ("DMD2 without GAN head", DMDConfig(name="dmd2_no_gan", steps=steps, gan=False), seeds),
     ]
 
 
@@ -172,7 +173,7 @@ def run_dmd_study(cfg: object, out: object, *, log=print) -> dict:
                     for s in cfg.teacher_sample_seeds]  # fmt: skip
         rows.append({"row": "teacher (DDIM)", "steps": n, "metrics": _aggregate(per_seed)})
     grids = []
-    for label, run, seeds in dmd_runs(cfg.main_seeds, cfg.ablation_seeds, cfg.distill_steps):
+    for label, run, seeds in dmd_runs(cfg.main_seeds, cfg.distill_steps):
         if not seeds:
             continue
         per_steps: dict[int, list[dict[str, float]]] = {1: [], 4: []}
