@@ -62,6 +62,16 @@ _GAN = {
 }
 
 
+def _t_range(fn: str, schedule: Schedule, name: str, t_range: Sequence[float] | None) -> tuple[float, float]:
+    """``t_range`` checked against the schedule (two values, low <= high); ``None``: the whole schedule."""
+    if t_range is None:
+        return schedule.t_range
+    values = check_time_values(fn, schedule, t_range, name=name)
+    if len(values) != 2 or values[0] > values[1]:
+        raise ValueError(f"{fn}: {name} must be (low, high) with low <= high, got {tuple(t_range)}")
+    return values[0], values[1]
+
+
 class DMDObjective:
     r"""DMD2's losses for one generator update and one fake-score update.
 
@@ -183,12 +193,12 @@ class DMDObjective:
         self.guidance_scale = guidance_scale
         self.fake_prediction = fake_prediction
         self.dm_t_range = dm_t_range
-        self.fake_t_range = schedule.t_range if fake_t_range is None else fake_t_range
+        self.fake_t_range = _t_range(fn, schedule, "fake_t_range", fake_t_range)
         self.gan_head = gan_head
-        if gan_t_range is None:
-            gan_t_range = schedule.t_range
-        elif isinstance(gan_t_range, str):
+        if isinstance(gan_t_range, str):
             check_choice(fn, "gan_t_range", gan_t_range, ("head",))
+        else:
+            gan_t_range = _t_range(fn, schedule, "gan_t_range", gan_t_range)
         self.gan_t_range = gan_t_range
         self.gan_weight, self.gan_d_weight = float(gan_weight), float(gan_d_weight)
         self.d_loss_fn, self.g_loss_fn = _GAN[gan_loss]

@@ -205,6 +205,10 @@ def test_each_loss_draws_its_own_timesteps() -> None:
     assert head.calls[-1] == {"c": 1}  # the head draws its own noise levels
     with pytest.raises(ValueError, match="gan_t_range must be one of"):
         DMDObjective(UserTeacher(), fake, VP, gan_t_range="logit_normal")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"fake_t_range must be \(low, high\) with low <= high, got \(900,"):
+        DMDObjective(UserTeacher(), fake, VP, fake_t_range=(900, 100))
+    with pytest.raises(ValueError, match="gan_t_range"):
+        DMDObjective(UserTeacher(), fake, VP, gan_t_range=(0, 1000))
 
 
 def test_the_gan_features_get_the_text_conditioning() -> None:

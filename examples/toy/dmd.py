@@ -46,7 +46,7 @@ class DMDConfig:
     gan_weight: float = 3e-3
     gan_d_weight: float = 1e-2
     lr_head: float = 5e-3
-    head_norm: str = "batch"  # StyleGAN-T's heads, as the study's rows were measured; "sample": addkit's default
+    head_norm: str = "batch"  # StyleGAN-T's heads, as the rows were measured ("sample": addkit's default)
 
 
 def _gan_head(fake_unet: nn.Module, norm: str = "batch") -> ProjectedDiscriminator:
