@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch_vector, check_choice
+from addkit._checks import check_batch_vector, check_choice, check_finite_inputs
 from addkit.typing import Reduction
 
 __all__ = ["Reduction", "append_dims", "per_sample_mean", "reduce_loss"]
@@ -78,6 +78,7 @@ def reduce_loss(
         raise ValueError(f"{fn}: the batch is empty (0 samples); a mean over it would be NaN")
     if weight is not None:
         check_batch_vector(fn, "weight", weight, per_sample.shape[0])
+        check_finite_inputs(fn, weight=weight)
         per_sample = per_sample * weight.to(per_sample.dtype)
     if reduction == "mean":
         return per_sample.mean()

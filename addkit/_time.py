@@ -9,8 +9,10 @@ into time through the functions here:
 - Python numbers (and sequences of them) are checked on the host: integers for a discrete
   schedule (``500.7`` is refused, never truncated), numbers inside ``t_range``;
 - tensors are checked from metadata (an integer dtype for a discrete schedule, floating for a
-  continuous one; one value per sample); their value range only under
-  [`addkit.value_checks`][addkit.checks.value_checks], since that reads the device.
+  continuous one; one value per sample), and their value range by a device-side assertion
+  that reads nothing back (a ``RuntimeError`` naming ``t`` on the CPU, a device-side assert
+  on CUDA); under [`addkit.value_checks`][addkit.checks.value_checks] by a host read that
+  raises ``ValueError`` with the values found.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_value_range
+from addkit._checks import assert_in_range
 
 __all__ = ["batch_time", "check_schedule", "check_time", "check_time_values", "host_time_tensor"]
 
@@ -60,7 +62,7 @@ def _bounds(schedule: Any) -> tuple[float, float]:
 
 
 def check_time_values(
-    fn: str, schedule: Any, values: Any, *, name: str = "timesteps"
+    fn: str, schedule: Any, values: Any, *, name: str = "timesteps", sequence: bool = False
 ) -> tuple[int | float, ...]:
     """Host timesteps as a tuple of Python numbers: right kind, inside ``t_range``.
 
@@ -70,17 +72,26 @@ def check_time_values(
         values: a number, a sequence of numbers, or a tensor (read to the host here: call
             it once per configuration, not in a loop).
         name: the argument's name for messages.
+        sequence: refuse a lone number (``timesteps=4`` reads as a count of steps but would
+            be the single timestep 4).
 
     Returns:
         ``int`` values for a discrete schedule, ``float`` otherwise.
 
     Raises:
-        TypeError: for floats on a discrete schedule, booleans or non-numbers.
+        TypeError: for floats on a discrete schedule, booleans or non-numbers, or a lone
+            number where ``sequence`` is set.
         ValueError: for values outside ``t_range``.
     """
     if isinstance(values, Tensor):
         values = values.tolist()
     if isinstance(values, (numbers.Number, bool)):
+        if sequence:
+            raise TypeError(
+                f"{fn}: {name} must be a sequence of timesteps, got the number {values!r}; for "
+                f"{values!r} steps pass schedule.timesteps({values!r}), for the single timestep "
+                f"pass [{values!r}]"
+            )
         values = [values]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{fn}: {name} must be a sequence of timesteps, got {type(values).__name__}")
@@ -105,11 +116,14 @@ def check_time(fn: str, schedule: Any, t: Any, *, name: str = "t") -> Tensor:
     """``t`` as a tensor, checked: a Python number on the host, a tensor from its dtype.
 
     A tensor keeps its dtype and device (schedule maths may use float64 times); its value
-    range is checked only under value checks.
+    range is checked on the device without a host read (see
+    [`assert_in_range`][addkit._checks.assert_in_range]).
 
     Raises:
         TypeError: for the wrong kind of number or dtype.
         ValueError: for a Python number outside ``t_range`` (or a tensor, under value checks).
+        RuntimeError: for a tensor with a value outside ``t_range`` (a negative one included)
+            on the CPU, outside value checks; on CUDA a device-side assert.
     """
     if isinstance(t, Tensor):
         if schedule.is_discrete and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -124,7 +138,7 @@ def check_time(fn: str, schedule: Any, t: Any, *, name: str = "t") -> Tensor:
                 f"schedule, got dtype {t.dtype}"
             )
         low, high = _bounds(schedule)
-        return check_value_range(fn, name, t, low, high)
+        return assert_in_range(fn, name, t, low, high)
     if isinstance(t, bool) or not isinstance(t, numbers.Real):
         kind = "an integer" if schedule.is_discrete else "a number"
         raise TypeError(f"{fn}: {name} must be {kind} or a tensor of timesteps, got {type(t).__name__}")

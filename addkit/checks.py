@@ -2,11 +2,19 @@
 
 addkit validates every call at its public boundary from metadata (shapes, dtypes, devices,
 options) and from Python-side values (timesteps given as numbers). Those checks are free.
-Checks that need the *values* of tensors (are the logits finite? do the timesteps of a tensor
-lie in the schedule's range? is $\\alpha_t = 0$ where an eps prediction is converted?) read
-the device back to the host: on a GPU each such read is a synchronisation that stalls the
-training step or the sampler. They are therefore **off by default**, and a non-finite value
-flows into the loss (the loss is non-finite) so that your trainer can skip the step.
+Checks that need the *values* of tensors (are the logits finite? is $\\alpha_t = 0$ where an
+eps prediction is converted?) read the device back to the host: on a GPU each such read is a
+synchronisation that stalls the training step or the sampler. They are therefore **off by
+default**, and a non-finite value flows into the loss (the loss is non-finite) so that your
+trainer can skip the step. With them on, every public function and class that takes tensors
+checks each floating input, weight and scale and raises a ``ValueError`` naming it.
+
+One value check runs always: the timesteps of a tensor must lie in the schedule's range, or a
+table lookup would read the wrong entry. It is a device-side assertion (``torch._assert_async``)
+that reads nothing back: on the CPU it raises ``RuntimeError`` naming ``t`` at once, on CUDA
+the kernel fails asynchronously (a "device-side assert", after which the CUDA context is lost,
+as it would be for the out-of-range index); under value checks it is a ``ValueError`` showing
+the range found.
 
 Turn them on while you debug, for a block of code or for the whole process:
 

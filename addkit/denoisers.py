@@ -28,7 +28,14 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_same_shape
+from addkit._checks import (
+    check_callable,
+    check_finite_inputs,
+    check_floating,
+    check_guidance_scale,
+    check_same_shape,
+)
+from addkit._dtype import as_module_dtype, module_dtype
 from addkit._reduce import append_dims
 from addkit._time import batch_time, check_schedule
 from addkit._unwrap import unwrap_chain, unwrap_module
@@ -85,6 +92,8 @@ def apply_cfg(
     check_same_shape(fn, "cond", cond, "uncond", uncond)
     if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0.0 <= rescale <= 1.0:
         raise ValueError(f"{fn}: rescale must be a number in [0, 1] (0 = off, 0.7 recommended), got {rescale!r}")
+    check_guidance_scale(fn, "guidance_scale", guidance_scale)
+    check_finite_inputs(fn, cond=cond, uncond=uncond)
     scale = torch.as_tensor(guidance_scale, dtype=cond.dtype, device=cond.device)
     if scale.ndim > 1 or (scale.ndim == 1 and scale.shape[0] != cond.shape[0]):
         raise ValueError(
@@ -137,7 +146,7 @@ class WrappedDenoiser(nn.Module):
 
     def __init__(self, model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> None:
         super().__init__()
-        self.model = model
+        self.model = check_callable("WrappedDenoiser", "model", model)
         self.schedule = check_schedule("WrappedDenoiser", schedule)
         self.prediction = normalize_prediction(prediction, fn="WrappedDenoiser")
 
@@ -148,7 +157,14 @@ class WrappedDenoiser(nn.Module):
         """The network's raw prediction for ``x_t`` at ``t`` (scalar or ``[B]``)."""
         fn = type(self).__name__
         check_floating(fn, "x_t", x_t)
-        return self.model(x_t, self._batch_t(t, x_t, fn), **cond)
+        check_finite_inputs(fn, x_t=x_t)
+        model_x_t = self._as_model_dtype(x_t)
+        out = self.model(model_x_t, self._batch_t(t, x_t, fn), **cond)
+        return out if model_x_t is x_t else out.to(x_t.dtype)
+
+    def _as_model_dtype(self, x_t: Tensor) -> Tensor:
+        """``x_t`` in an ``nn.Module`` model's dtype, cast back afterwards (see `addkit._dtype`)."""
+        return as_module_dtype(x_t, self.model) if isinstance(self.model, nn.Module) else x_t
 
     def predict(
         self,
@@ -179,14 +195,20 @@ class WrappedDenoiser(nn.Module):
 
         Raises:
             ValueError: if guidance is asked without ``uncond`` or with mismatched
-                conditioning.
+                conditioning, or a Python timestep lies outside the schedule.
+            RuntimeError: for a tensor ``t`` with a value outside the schedule (a device-side
+                check, no host read; on CUDA a device-side assert; a ``ValueError`` under
+                [`addkit.value_checks`][addkit.checks.value_checks]).
         """
         fn = f"{type(self).__name__}.predict"
         check_floating(fn, "x_t", x_t)
+        check_guidance_scale(fn, "guidance_scale", guidance_scale)
+        check_finite_inputs(fn, x_t=x_t)
         t = self._batch_t(t, x_t, fn)
+        model_x_t = self._as_model_dtype(x_t)
         guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
         if not guided:
-            raw = self.model(x_t, t, **cond)
+            raw = self.model(model_x_t, t, **cond)
         else:
             if uncond is None:
                 raise ValueError(f"{fn}: guidance_scale={guidance_scale} needs uncond=... (same keys as cond)")
@@ -195,13 +217,15 @@ class WrappedDenoiser(nn.Module):
                     f"{fn}: uncond keys {sorted(uncond)} must equal cond keys {sorted(cond)}"
                 )
             both = {k: _cat_cond(fn, uncond[k], cond[k], k) for k in cond}
-            raw_u, raw_c = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+            doubled = torch.cat([model_x_t, model_x_t])
+            raw_u, raw_c = self.model(doubled, torch.cat([t, t]), **both).chunk(2)
             raw = apply_cfg(raw_c, raw_u, guidance_scale, rescale=guidance_rescale)
         check_floating(fn, "model output", raw)
         if raw.shape != x_t.shape:
             raise ValueError(
                 f"{fn}: the model returned shape {tuple(raw.shape)} for x_t of shape {tuple(x_t.shape)}"
             )
+        check_finite_inputs(fn, **{"model output": raw})
         alpha, sigma = self.schedule.coefficients(t, x_t, fn=fn)
         return convert(raw.to(x_t.dtype), x_t, alpha, sigma, source=self.prediction, target=target)
 
@@ -220,15 +244,6 @@ class WrappedDenoiser(nn.Module):
     def flow(self, x_t: Tensor, t: Any, **kwargs: Any) -> Tensor:
         """$\\hat u = \\hat\\epsilon - \\hat x_0$; keyword arguments as [`predict`][addkit.denoisers.WrappedDenoiser.predict]."""
         return self.predict(x_t, t, target="flow", **kwargs)
-
-
-def _model_dtype(model: Any) -> torch.dtype | None:
-    """dtype of the first parameter of the innermost model that has one (wrappers included)."""
-    for module in reversed(unwrap_chain(model)):
-        param = next(module.parameters(), None) if isinstance(module, nn.Module) else None
-        if param is not None:
-            return param.dtype
-    return None
 
 
 class DiffusersUNetAdapter(nn.Module):
@@ -258,7 +273,7 @@ class DiffusersUNetAdapter(nn.Module):
         **cond: Any,
     ) -> Tensor:
         """Run the UNet; ``cond`` holds e.g. ``encoder_hidden_states`` or ``class_labels``."""
-        dtype = _model_dtype(self.unet) or x_t.dtype
+        dtype = module_dtype(self.unet) or x_t.dtype
         added = dict(cond.pop("added_cond_kwargs", None) or {})
         if text_embeds is not None:
             added["text_embeds"] = text_embeds
@@ -295,7 +310,7 @@ class DiffusersTransformerAdapter(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Run the transformer with ``hidden_states=x_t`` and the diffusers timestep."""
-        dtype = _model_dtype(self.transformer) or x_t.dtype
+        dtype = module_dtype(self.transformer) or x_t.dtype
         if self.schedule.is_discrete:
             timestep = t
         else:
@@ -357,7 +372,7 @@ class DiffusersFluxAdapter(nn.Module):
                 f"{fn}: x_t must be unpacked latents [B, C, H, W] with even H and W (2x2 patches), "
                 f"got shape {tuple(x_t.shape)}"
             )
-        dtype = _model_dtype(self.transformer) or x_t.dtype
+        dtype = module_dtype(self.transformer) or x_t.dtype
         h, w = x_t.shape[-2] // 2, x_t.shape[-1] // 2
         guidance = self._guidance(fn, cond.pop("guidance", None), x_t)
         text = cond.get("encoder_hidden_states")
@@ -536,6 +551,24 @@ def _is_diffusers(model: Any, *names: str) -> bool:
     return any(c.__name__ in names and c.__module__.startswith("diffusers") for c in type(inner).__mro__)
 
 
+_ADAPTED = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def _rewrap(denoiser: WrappedDenoiser, schedule: Schedule, prediction: str) -> WrappedDenoiser:
+    """``denoiser`` itself when asked for its own schedule and prediction; refused otherwise."""
+    wanted = normalize_prediction(prediction, fn="wrap")
+    same = schedule is denoiser.schedule or (
+        type(schedule) is type(denoiser.schedule) and repr(schedule) == repr(denoiser.schedule)
+    )
+    if not same or wanted != denoiser.prediction:
+        raise ValueError(
+            f"wrap: model is a WrappedDenoiser already, bound to {denoiser.schedule!r} and "
+            f"prediction={denoiser.prediction!r}; got {schedule!r} and prediction={wanted!r}: wrap its "
+            "network (denoiser.model) instead"
+        )
+    return denoiser
+
+
 def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> WrappedDenoiser:
     """Bind a network to its schedule and prediction type.
 
@@ -546,7 +579,11 @@ def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> W
     (and accelerate's ``prepare``, which returns these): the adapter is chosen from the
     innermost model and calls the wrapper, so that gradient sync, compiled code and LoRA layers
     run.
-    Any other callable ``model(x_t, t, **cond)`` is used as is.
+    Any other callable ``model(x_t, t, **cond)`` is used as is. A denoiser wrapped already is
+    returned unchanged when its schedule and prediction are the ones given (refused otherwise).
+    A plain ``nn.Sequential`` is refused: it takes one input, not ``(x_t, t)``; a diffusers model
+    inside your own module is not detected (it is called as your ``forward`` says), so put the
+    adapter inside (``DiffusersUNetAdapter(unet)``) when your module passes ``x_t`` and ``t`` on.
 
     Args:
         model: the network, bare or wrapped.
@@ -559,13 +596,20 @@ def wrap(model: Callable[..., Tensor], schedule: Schedule, prediction: str) -> W
         ``.v`` / ``.flow``.
 
     Raises:
-        ValueError: for an unknown prediction type.
-        TypeError: if ``model`` is not callable.
+        ValueError: for an unknown prediction type, or a denoiser wrapped already with another
+            schedule or prediction.
+        TypeError: if ``model`` is not callable, or is a plain ``nn.Sequential``.
     """
     if isinstance(model, WrappedDenoiser):
-        return model
-    if not callable(model):
-        raise TypeError(f"wrap: model must be callable, got {type(model).__name__}")
+        return _rewrap(model, schedule, prediction)
+    check_callable("wrap", "model", model)
+    if type(unwrap_chain(model)[-1]) is nn.Sequential:
+        inside = [type(m).__name__ for m in unwrap_chain(model)[-1].modules() if _is_diffusers(m, *_ADAPTED)]
+        held = f" holding a diffusers {inside[0]}" if inside else ""
+        raise TypeError(
+            f"wrap: model is a plain nn.Sequential{held}, which takes one input, not (x_t, t, **cond): "
+            "pass the network itself, or a module whose forward(x_t, t, **cond) calls it"
+        )
     if _is_diffusers(model, "UNet2DConditionModel", "UNet2DModel"):
         model = DiffusersUNetAdapter(model)  # type: ignore[arg-type]
     elif _is_diffusers(model, "SD3Transformer2DModel"):

@@ -43,15 +43,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_positive
-from addkit._random import randn
+from addkit._checks import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_positive,
+)
+from addkit._random import randint, randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses.adversarial_registry import ADVERSARIAL_LOSSES, AdversarialLoss, AdversarialLossName
 from addkit.losses.adversarial_registry import adversarial_loss as resolve_adversarial_loss
-from addkit.losses.distillation import sample_distillation_timesteps
+from addkit.losses.distillation import check_t_range, sample_distillation_timesteps
 from addkit.losses.health import discriminator_stats
 from addkit.losses.matching import distribution_matching_loss, fake_score_loss, regression_loss
 from addkit.objective import StudentInputs
+from addkit.parameterization import normalize_prediction
 from addkit.sampling import sample
 from addkit.typing import Denoiser, Discriminator, Schedule, Teacher
 
@@ -71,13 +80,29 @@ class DMDObjective:
     ``gan_weight`` times the GAN head's generator term, plus ``regression_weight`` times DMD's
     regression loss when a teacher pair is passed.
 
+    **Scales.** Every term is a mean over each sample's elements (token logits for the GAN
+    head, summed over heads), averaged over the batch, the convention of all addkit losses.
+    The matching term then equals DMD2's ``loss_dm`` (``0.5 * mse(x, x - g)`` averaged over
+    every element) in value and gradient, so DMD2's weights carry over: its GAN weight is
+    $5\cdot10^{-3}$ for SDXL, $10^{-3}$ for SD 1.5 and $3\cdot10^{-3}$ for ImageNet (the
+    default), with $10^{-2}$ on the head's discriminator term; its generator gradient clip
+    is 10; its real-score guidance 8 for SDXL and 1.75 for SD 1.5.
+
+    **Timesteps.** The matching loss draws $t$ uniformly over ``dm_t_range`` (DMD2: 20-980),
+    the fake score's denoising loss over ``fake_t_range`` (DMD2: 0-999) and the GAN head's
+    noise levels over ``gan_t_range`` (DMD2: 0-999), each drawn independently per sample.
+
     **Fake-score loss.** [`fake_score_loss`][addkit.losses.matching.fake_score_loss] in the
     fake score's ``fake_prediction`` space, plus ``gan_d_weight`` times the GAN head's
     discriminator term on noisy real and fake samples. The GAN head is any
     [`Discriminator`][addkit.typing.Discriminator]; DMD2's is a classifier on the fake score's
     bottleneck features:
     ``ProjectedDiscriminator(TeacherFeatures(fake_unet, schedule, ["mid_block"], channels=[C],
-    freeze=False))`` (the features re-noise their input themselves). Here the head's
+    freeze=False))`` (the features re-noise their input themselves, at the ``t=`` the
+    objective passes: uniform over ``gan_t_range``). DMD2 runs the fake UNet for these features
+    with the prompt: pass the UNet's conditioning in ``gan_kwargs`` (e.g.
+    ``{"encoder_hidden_states": emb, "added_cond_kwargs": added}`` for an SDXL UNet), which
+    reaches the feature network's call; ``c_text=`` there conditions the heads. Here the head's
     discriminator term trains the heads only (the features are read without gradient);
     DMD2's code also trains the fake score's encoder through it. The generator term's
     gradient passes through the fake score's network: zero the fake score's gradients
@@ -90,11 +115,18 @@ class DMDObjective:
         schedule: the schedule of teacher, fake score and student.
         guidance_scale: the real score's classifier-free guidance (needs ``uncond``).
         fake_prediction: the fake score's prediction type (the space of its denoising loss).
-        dm_t_range: timesteps of the matching and denoising losses, in schedule units;
-            default ``[0.02, 0.98]`` of the schedule (DMD2).
+        dm_t_range: timesteps of the matching loss, in schedule units; default
+            ``[0.02, 0.98]`` of the schedule (DMD2: 20-980).
+        fake_t_range: timesteps of the fake score's denoising loss; default the whole
+            schedule (DMD2: 0-999).
         gan_head: the GAN head, or ``None`` (DMD2 without GAN).
-        gan_weight: $\lambda_\text{GAN}$ of the generator term (DMD2 uses small weights,
-            of order $10^{-3}$; tune it).
+        gan_t_range: the GAN head's noise levels: drawn uniformly over this range (schedule
+            units; ``None``: the whole schedule, DMD2's 0-999) and passed to the head as
+            ``t=`` (a [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures]
+            takes it); ``"head"`` lets the head draw its own (e.g. LADD's logit-normal).
+        gan_weight: $\lambda_\text{GAN}$ of the generator term; DMD2's ImageNet value
+            (SDXL: $5\cdot10^{-3}$, SD 1.5: $10^{-3}$), meaningful because the matching
+            term is on DMD2's scale (see above).
         gan_d_weight: weight of the discriminator term in the fake-score loss.
         gan_loss: ``"non_saturating"`` (DMD2), ``"hinge"`` or any
             [`AdversarialLoss`][addkit.losses.adversarial_registry.AdversarialLoss].
@@ -127,7 +159,9 @@ class DMDObjective:
         guidance_scale: float = 1.0,
         fake_prediction: str = "eps",
         dm_t_range: tuple[float, float] | None = None,
+        fake_t_range: tuple[float, float] | None = None,
         gan_head: Discriminator | None = None,
+        gan_t_range: tuple[float, float] | Literal["head"] | None = None,
         gan_weight: float = 3e-3,
         gan_d_weight: float = 1e-2,
         gan_loss: AdversarialLossName | AdversarialLoss = "non_saturating",
@@ -145,6 +179,12 @@ class DMDObjective:
                 )
         if isinstance(gan_loss, str):
             check_choice(fn, "gan_loss", gan_loss, tuple(ADVERSARIAL_LOSSES))
+        check_number(fn, "guidance_scale", guidance_scale)
+        if dm_t_range is not None:
+            check_t_range(fn, schedule, dm_t_range, name="dm_t_range")
+        normalize_prediction(fake_prediction, fn=fn)
+        if gan_head is not None:
+            check_callable(fn, "gan_head", gan_head, hint=" (images -> logits, e.g. ProjectedDiscriminator)")
         for name, value in (
             ("gan_weight", gan_weight),
             ("gan_d_weight", gan_d_weight),
@@ -155,7 +195,13 @@ class DMDObjective:
         self.guidance_scale = guidance_scale
         self.fake_prediction = fake_prediction
         self.dm_t_range = dm_t_range
+        self.fake_t_range = _whole_or(fn, schedule, "fake_t_range", fake_t_range)
         self.gan_head = gan_head
+        if isinstance(gan_t_range, str):
+            check_choice(fn, "gan_t_range", gan_t_range, ("head",))
+        else:
+            gan_t_range = _whole_or(fn, schedule, "gan_t_range", gan_t_range)
+        self.gan_t_range = gan_t_range
         self.gan_weight, self.gan_d_weight = float(gan_weight), float(gan_d_weight)
         gan = resolve_adversarial_loss(gan_loss)
         self.d_loss_fn, self.g_loss_fn = gan.d_loss, gan.g_loss
@@ -163,7 +209,9 @@ class DMDObjective:
         self.regression_weight = float(regression_weight)
         if student_timesteps is None:
             student_timesteps = schedule.timesteps(4, "trailing")
-        self.student_timesteps = check_time_values(fn, schedule, student_timesteps, name="student_timesteps")
+        self.student_timesteps = check_time_values(
+            fn, schedule, student_timesteps, name="student_timesteps", sequence=True
+        )
         if not self.student_timesteps:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
 
@@ -193,9 +241,12 @@ class DMDObjective:
                 ``k > 0``.
             real: real samples ``[B, ...]``, used instead of the student's own steps when
                 ``backward_simulation=False`` (noised to $t_k$ as in ADD).
-            step: the student step $k$; drawn uniformly when ``None`` (a host-side draw,
-                from ``generator`` when it is a CPU generator, else from the global CPU RNG).
-            generator: randomness for $k$ and the re-noising.
+            step: the student step $k$; drawn uniformly when ``None`` from ``generator``
+                (on a CUDA generator the draw is read back to the host: pass a CPU
+                generator to avoid that sync), from the global RNG only without one; a
+                one-step student draws nothing.
+            generator: randomness for $k$, the re-noising and backward simulation; with
+                it the global RNG is left untouched.
             **cond: the student's conditioning for backward simulation.
 
         Returns:
@@ -208,10 +259,10 @@ class DMDObjective:
         fn = "DMDObjective.sample_student_inputs"
         check_floating(fn, "noise", noise)
         check_batch(fn, "noise", noise)
+        check_finite_inputs(fn, noise=noise, real=real)
         n = len(self.student_timesteps)
         if step is None:
-            cpu = generator if generator is not None and generator.device.type == "cpu" else None
-            step = int(torch.randint(n, (), generator=cpu))
+            step = 0 if n == 1 else int(randint(0, n, (), generator=generator, device="cpu"))
         elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < n:
             raise ValueError(f"{fn}: step must be an integer in [0, {n - 1}], got {step!r}")
         t = torch.full(
@@ -262,7 +313,9 @@ class DMDObjective:
             uncond: unconditional conditioning for the real score's guidance.
             fake_cond: the fake score's conditioning, if it differs from ``cond``.
             generator: randomness for the matching loss's timesteps and noise, and the head.
-            gan_kwargs: keyword arguments for the GAN head (``c_text=``, feature kwargs).
+            gan_kwargs: keyword arguments for the GAN head: ``c_text=`` for its heads and the
+                feature network's conditioning (e.g. the fake UNet's ``encoder_hidden_states``);
+                a ``t=`` here overrides the drawn noise levels.
             regression_pair: ``(student_x0_of_stored_noise, teacher_x0)`` for DMD's regression
                 loss (with ``regression_weight > 0``).
 
@@ -275,7 +328,7 @@ class DMDObjective:
             self.teacher,
             self.fake_score,
             schedule=self.schedule,
-            t=self._t(student_x0, generator),
+            t=self._t(student_x0, generator, self.dm_t_range),
             generator=generator,
             cond=cond,
             uncond=uncond,
@@ -284,7 +337,8 @@ class DMDObjective:
         )
         total, logs = dm, {"g/dm": dm.detach()}
         if self.gan_head is not None and self.gan_weight > 0:
-            logits = self.gan_head(student_x0, per_head=True, generator=generator, **dict(gan_kwargs or {}))
+            kw = self._gan_kwargs(student_x0, generator, gan_kwargs)
+            logits = self.gan_head(student_x0, per_head=True, generator=generator, **kw)
             gan = self.g_loss_fn(logits)
             total = total + self.gan_weight * gan
             logs["g/gan"] = gan.detach()
@@ -312,7 +366,7 @@ class DMDObjective:
             real: real samples for the GAN head (same shape); without them the head is not trained.
             cond: the fake score's conditioning.
             generator: randomness for the timesteps, noise and the head.
-            gan_kwargs: keyword arguments for the GAN head.
+            gan_kwargs: keyword arguments for the GAN head (as in ``generator_loss``).
 
         Returns:
             ``(loss, logs)`` with ``f/denoise``, ``f/gan`` (with a head and ``real``; with
@@ -325,15 +379,16 @@ class DMDObjective:
             self.fake_score,
             schedule=self.schedule,
             prediction=self.fake_prediction,
-            t=self._t(fake, generator),
+            t=self._t(fake, generator, self.fake_t_range),
             generator=generator,
             cond=cond,
         )
         total, logs = denoise, {"f/denoise": denoise.detach()}
         if self.gan_head is not None and real is not None and self.gan_d_weight > 0:
-            kw = dict(gan_kwargs or {})
-            real_logits = self.gan_head(real.detach(), per_head=True, generator=generator, **kw)
-            fake_logits = self.gan_head(fake, per_head=True, generator=generator, **kw)
+            real_kw = self._gan_kwargs(real, generator, gan_kwargs)
+            fake_kw = self._gan_kwargs(fake, generator, gan_kwargs)
+            real_logits = self.gan_head(real.detach(), per_head=True, generator=generator, **real_kw)
+            fake_logits = self.gan_head(fake, per_head=True, generator=generator, **fake_kw)
             gan = self.d_loss_fn(real_logits, fake_logits)
             total = total + self.gan_d_weight * gan
             logs["f/gan"] = gan.detach()
@@ -341,9 +396,26 @@ class DMDObjective:
         logs["f/total"] = total.detach()
         return total, logs
 
-    def _t(self, like: Tensor, generator: torch.Generator | None) -> Tensor | None:
-        if self.dm_t_range is None:
+    def _t(
+        self, like: Tensor, generator: torch.Generator | None, t_range: tuple[float, float] | None
+    ) -> Tensor | None:
+        """Timesteps ``[B]`` uniform over ``t_range``; ``None`` leaves the loss its default."""
+        if t_range is None:
             return None
         return sample_distillation_timesteps(
-            like.shape[0], self.schedule, t_range=self.dm_t_range, generator=generator, device=like.device
+            like.shape[0], self.schedule, t_range=t_range, generator=generator, device=like.device
         )
+
+    def _gan_kwargs(
+        self, like: Tensor, generator: torch.Generator | None, gan_kwargs: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """The head's keyword arguments, with the noise levels ``t=`` drawn unless the head draws them."""
+        kw = dict(gan_kwargs or {})
+        if self.gan_t_range != "head" and "t" not in kw:
+            kw["t"] = self._t(like, generator, self.gan_t_range)  # type: ignore[arg-type]
+        return kw
+
+
+def _whole_or(fn: str, schedule: Schedule, name: str, t_range: Sequence[float] | None) -> tuple[float, float]:
+    """``t_range`` checked against the schedule (`check_t_range`); ``None``: the whole schedule."""
+    return schedule.t_range if t_range is None else check_t_range(fn, schedule, t_range, name=name)

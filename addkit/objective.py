@@ -31,7 +31,16 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_positive, check_same_shape
+from addkit._checks import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_positive,
+    check_same_shape,
+)
 from addkit._random import randint, randn
 from addkit._time import check_schedule, check_time_values
 from addkit.losses._heads import as_heads
@@ -42,8 +51,10 @@ from addkit.losses.adversarial_registry import (
 )
 from addkit.losses.adversarial_registry import adversarial_loss as resolve_adversarial_loss
 from addkit.losses.distillation import (
+    DISTANCES,
     Distance,
     Weighting,
+    check_t_range,
     distillation_loss,
     sample_distillation_timesteps,
 )
@@ -224,13 +235,30 @@ class ADDObjective:
             raise ValueError(f"{fn}: space='pixel' needs decode=<latents -> images>, got None")
         if discriminator is None and adversarial_weight > 0:
             raise ValueError(f"{fn}: discriminator=None needs adversarial_weight=0 (distillation only)")
+        if discriminator is not None:
+            hint = " (images -> logits, e.g. ProjectedDiscriminator)"
+            check_callable(fn, "discriminator", discriminator, hint=hint)
+        for name, f in (("decode", decode), ("sds_weight", sds_weight)):
+            if f is not None:
+                check_callable(fn, name, f)
+        if not isinstance(guidance_scale, Tensor):
+            check_number(fn, "guidance_scale", guidance_scale)
+        if nfsd_threshold is not None:
+            check_number(fn, "nfsd_threshold", nfsd_threshold)
+        if isinstance(distance, str):
+            check_choice(fn, "distance", distance, DISTANCES)
         check_positive(fn, "r1_sigma", r1_sigma)
         if isinstance(r1_placement, str):
             check_choice(fn, "r1_placement", r1_placement, get_args(R1Placement))
+        else:
+            hint = " (an R1Regularizer instance, e.g. R1Features())"
+            check_callable(fn, "r1_placement", r1_placement, hint=hint)
         self.r1 = r1_regularizer(r1_placement, sigma=r1_sigma)
         gamma = self.r1.default_gamma if r1_gamma is None else r1_gamma
         check_positive(fn, "r1_gamma", gamma, allow_zero=True)
         check_schedule(fn, schedule)
+        if distill_t_range is not None:
+            check_t_range(fn, schedule, distill_t_range, name="distill_t_range")
         if not callable(getattr(teacher, "predict", None)) and lambda_distill > 0:
             raise TypeError(
                 f"{fn}: teacher must satisfy addkit.typing.Teacher (predict(x_t, t, target=..., ...), "
@@ -260,7 +288,7 @@ class ADDObjective:
     def _student_timesteps(self, fn: str, timesteps: Sequence[float] | None) -> Tensor:
         if timesteps is None:
             timesteps = self.schedule.timesteps(4, "trailing")
-        values = check_time_values(fn, self.schedule, timesteps, name="student_timesteps")
+        values = check_time_values(fn, self.schedule, timesteps, name="student_timesteps", sequence=True)
         if not values:
             raise ValueError(f"{fn}: student_timesteps must not be empty")
         return torch.tensor(values, dtype=self.schedule.time_dtype)
@@ -295,6 +323,7 @@ class ADDObjective:
         fn = "ADDObjective.sample_student_inputs"
         check_floating(fn, "x0", x0)
         check_batch(fn, "x0", x0)
+        check_finite_inputs(fn, x0=x0)
         if x0.ndim < 2:
             raise ValueError(f"{fn}: x0 must have shape [B, ...] with at least 2 dims, got {tuple(x0.shape)}")
         index = randint(0, len(self.student_timesteps), (x0.shape[0],), device=x0.device, generator=generator)
@@ -384,6 +413,7 @@ class ADDObjective:
         fn = "ADDObjective.generator_loss"
         check_floating(fn, "student_x0", student_x0)
         check_batch(fn, "student_x0", student_x0)
+        check_finite_inputs(fn, student_x0=student_x0, c_text=c_text, c_image=c_image)
         logs: dict[str, Tensor] = {}
         total = student_x0.new_zeros((), dtype=torch.float32)
         decoded = None
@@ -465,6 +495,7 @@ class ADDObjective:
         check_floating(fn, "fake", fake)
         check_batch(fn, "real", real)
         check_same_shape(fn, "real", real, "fake", fake)
+        check_finite_inputs(fn, real=real, fake=fake, c_text=c_text, c_image=c_image)
         c_image = self._image_cond(fn, c_image, student_t)
         regularise = self.r1_gamma > 0 and self.lazy_r1.due(step)
         fk = dict(feature_kwargs or {})
@@ -487,7 +518,15 @@ class ADDObjective:
         if not regularise:
             return self._logits(real, c_text, c_image, generator, **fk), None
         cond = {k: v for k, v in (("c_text", c_text), ("c_image", c_image)) if v is not None}
-        return self.r1(self._require_discriminator(), real, generator=generator, feature_kwargs=fk, **cond)
+        D = self._require_discriminator()
+        logits, r1 = self.r1(D, real, generator=generator, feature_kwargs=fk, **cond)
+        if not isinstance(r1, Tensor) or r1.ndim != 0:
+            got = tuple(r1.shape) if isinstance(r1, Tensor) else type(r1).__name__
+            raise ValueError(
+                f"ADDObjective.discriminator_loss: the R1 placement {self.r1!r} must return (logits, "
+                f"a scalar penalty), got a penalty of shape {got}: reduce it over the batch (e.g. .mean())"
+            )
+        return logits, r1
 
 
 def _mean_logit(logits: HeadLogits) -> Tensor:

@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_same_shape, checking_values
+from addkit._checks import (
+    check_broadcasts_to,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_same_shape,
+    checking_values,
+)
 from addkit._time import check_schedule
 from addkit.typing import Prediction, Schedule
 
@@ -103,6 +110,9 @@ def convert(
     check_floating(fn, "pred", pred)
     check_floating(fn, "x_t", x_t)
     check_same_shape(fn, "pred", pred, "x_t", x_t)
+    check_broadcasts_to(fn, "alpha", alpha, x_t)
+    check_broadcasts_to(fn, "sigma", sigma, x_t)
+    check_finite_inputs(fn, pred=pred, x_t=x_t, alpha=alpha, sigma=sigma)
     out_dtype = x_t.dtype
     if source == target:
         return pred

@@ -23,7 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice, check_floating, check_same_shape
+from addkit._checks import (
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_positive_int,
+    check_same_shape,
+)
 from addkit._reduce import append_dims
 from addkit._time import check_time
 
@@ -88,6 +95,7 @@ class _Schedule:
         check_floating(fn, "x0", x0)
         check_floating(fn, "noise", noise)
         check_same_shape(fn, "x0", x0, "noise", noise)
+        check_finite_inputs(fn, x0=x0, noise=noise)
         a, s = self.coefficients(t, x0, fn=fn)
         return (a * x0 + s * noise).to(x0.dtype)
 
@@ -108,7 +116,10 @@ class _Schedule:
             ``(alpha, sigma)``, each of rank ``like.ndim``.
 
         Raises:
-            ValueError: if ``t`` is a tensor whose length is not ``like.shape[0]``.
+            ValueError: if ``t`` is a tensor whose length is not ``like.shape[0]``, or a Python
+                timestep outside ``t_range``.
+            RuntimeError: for a tensor ``t`` with a value outside ``t_range`` (checked on the
+                device without a host read; a ``ValueError`` under value checks).
         """
         fn = fn or f"{type(self).__name__}.coefficients"
         t = self._check_t(fn, t)
@@ -154,6 +165,8 @@ class VPSchedule(_Schedule):
 
     def __init__(self, betas: Tensor, *, steps_offset: int = 0) -> None:
         fn = "VPSchedule"
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise TypeError(f"{fn}: steps_offset must be a non-negative int, got {steps_offset!r}")
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError(f"{fn}: betas must have shape (T,) with T >= 2, got {tuple(betas.shape)}")
@@ -179,6 +192,8 @@ class VPSchedule(_Schedule):
         cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
     ) -> VPSchedule:
         """The SD 1.x/2.x/SDXL schedule: $\\beta$ linear in $\\sqrt\\beta$ from 0.00085 to 0.012."""
+        fn = "VPSchedule.scaled_linear"
+        _check_betas(fn, num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
         b = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64)
         return cls(b.square())
 
@@ -187,6 +202,7 @@ class VPSchedule(_Schedule):
         cls, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02
     ) -> VPSchedule:
         """The DDPM schedule: $\\beta$ linear from 1e-4 to 0.02 (Ho et al. 2020)."""
+        _check_betas("VPSchedule.linear", num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
         return cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
 
     @classmethod
@@ -194,6 +210,7 @@ class VPSchedule(_Schedule):
         cls, num_train_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999
     ) -> VPSchedule:
         """The cosine schedule (Nichol & Dhariwal 2021; diffusers ``squaredcos_cap_v2``)."""
+        _check_betas("VPSchedule.cosine", num_train_timesteps, s=s, max_beta=max_beta)
 
         def abar(x: float) -> float:
             return math.cos((x + s) / (1 + s) * math.pi / 2) ** 2
@@ -354,7 +371,8 @@ class FlowSchedule(_Schedule):
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"FlowSchedule: shift must be a finite positive number, got {shift!r}")
         self.shift = float(shift)
-        self.num_train_timesteps = int(num_train_timesteps)
+        T = check_positive_int("FlowSchedule", "num_train_timesteps", num_train_timesteps)
+        self.num_train_timesteps = T
 
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift}, num_train_timesteps={self.num_train_timesteps})"
@@ -370,11 +388,25 @@ class FlowSchedule(_Schedule):
 
         Raises:
             ValueError: if dynamic shifting is on and ``mu`` is missing, or it uses a
-                shift form other than exponential.
+                shift form other than exponential; or ``mu`` is given for a fixed shift.
+            TypeError: for a scheduler without a ``config`` mapping, or a ``mu`` that is
+                not a number.
         """
         fn = "FlowSchedule.from_diffusers"
-        cfg = scheduler.config
+        cfg = getattr(scheduler, "config", None)
+        if not callable(getattr(cfg, "get", None)):
+            raise TypeError(
+                f"{fn}: scheduler must be a diffusers FlowMatchEulerDiscreteScheduler (with a .config), "
+                f"got {type(scheduler).__name__}"
+            )
         T = int(cfg.get("num_train_timesteps", 1000))
+        if mu is not None:
+            check_number(fn, "mu", mu)
+        if not cfg.get("use_dynamic_shifting", False) and mu is not None:
+            raise ValueError(
+                f"{fn}: mu={mu!r} was given but the scheduler has a fixed shift={cfg.get('shift', 1.0)} "
+                "(use_dynamic_shifting=False), which mu would not change: leave mu out"
+            )
         if cfg.get("use_dynamic_shifting", False):
             if mu is None:
                 raise ValueError(f"{fn}: the scheduler uses dynamic shifting; pass mu=...")
@@ -423,6 +455,15 @@ class FlowSchedule(_Schedule):
         s = self.shift
         sigma = s * t / (1 + (s - 1) * t)
         return 1.0 - sigma, sigma
+
+
+def _check_betas(fn: str, num_train_timesteps: Any, **numbers: Any) -> None:
+    """The arguments of the beta constructors: a count >= 2 and finite numbers."""
+    check_positive_int(fn, "num_train_timesteps", num_train_timesteps)
+    if num_train_timesteps < 2:
+        raise ValueError(f"{fn}: num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    for name, value in numbers.items():
+        check_number(fn, name, value)
 
 
 # numpy's float arithmetic, reproduced so that timesteps match diffusers (which uses numpy)

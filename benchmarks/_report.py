@@ -6,8 +6,8 @@ Reads every ``benchmarks/results/<device>/*.json``. Each file holds one benchmar
 version, device name) and optionally ``headline`` (the figures worth a summary line) and
 ``memory_method``. Two kinds are rendered apart: the memory estimate
 (``results/estimate/memory.json`` from ``bench_memory.py``: which configuration fits which GPU,
-its breakdown and analytic floor) and the GPU check (``results/cuda/gpu_check_*.json`` from
-``gpu_check.py``; until one exists the page says the CUDA figures are missing). Only the text
+its breakdown and analytic floor) and the GPU check (``results/cuda/gpu_check_summary.json`` from
+``gpu_check.py``, with how to run it; until one exists the page says the CUDA figures are missing). Only the text
 between the markers in benchmarks/README.md is replaced; docs/performance.md is written whole.
 
 Run ``python benchmarks/_report.py`` to regenerate both without re-running anything.
@@ -39,6 +39,8 @@ def load_results(root: Path = RESULTS) -> list[dict[str, Any]]:
     payloads = []
     for path in sorted(root.glob("*/*.json")):
         payload = json.loads(path.read_text())
+        if "benchmark" not in payload:  # results of studies (tiny_world/), not benchmark payloads
+            continue
         payload["_device_dir"] = path.parent.name
         payloads.append(payload)
     return sorted(payloads, key=lambda p: (p["_device_dir"], str(p.get("benchmark", ""))))
@@ -188,65 +190,61 @@ def render_memory(payload: dict[str, Any] | None, heading: str) -> str:
     return "\n\n".join([title, intro, where, memory_table(payload)])
 
 
+GPU_CHECK_HOWTO = """**Run it.** On a machine with one CUDA GPU, from the repository root, with addkit and its
+benchmark dependencies installed (`diffusers`, `peft`, `timm`; nothing is downloaded, every model has
+random weights):
+
+```bash
+python benchmarks/gpu_check.py          # --budget 480 (seconds for the whole check), --out benchmarks/results/cuda
+```
+
+It is planned to fit one 8-minute call on one H100 (stage budgets: sampler 150 s, training 120 s,
+tests 150 s, the compile stages what is left; no GPU run has confirmed the timing yet). Each stage runs in its own process under its own budget and
+writes its file into `benchmarks/results/cuda/` as soon as it ends, so a run stopped early keeps what
+it measured; one line per stage is printed as it ends, then the tables below. In order:
+
+| file | stage | fields in `results` |
+|---|---|---|
+| `gpu_check_sampler.json` | 1- and 4-step generation at 512x512 (SDXL-architecture UNet + VAE decode, bf16, batch 1, built on the GPU) with diffusers' `StableDiffusionXLPipeline`, addkit's eager loop and `CUDAGraphSampler`; rewritten after each variant | one row per `variant` and `steps`: `gpu_ms_per_image` (CUDA events, median of 10 calls), `iqr_s`, `cpu_ms_per_call` (host time until the call returns), `first_call_s` (capture included), `peak_bytes` (`max_memory_allocated` above the baseline plus the graph's private memory pool) |
+| `gpu_check_training.json` | one ADD training step, SDXL LoRA r64 at 512x512, batch 4 | `images_per_s`, `max_memory_allocated_bytes` (above what was allocated before the setup was built), `max_memory_reserved_bytes`, `memory_reserved_bytes`, `estimate_bytes` and `estimate_source` (the committed `results/estimate/memory.json`), `ratio` (measured / estimate), `within_10pct` |
+| `gpu_check_tests.json` | `pytest -m cuda` | `tests`: `passed`, `failed` (test ids), `skipped`, `tail` (the output's end) |
+| `gpu_check_compile_1step.json`, `gpu_check_compile_4step.json` | `CUDAGraphSampler(compile="reduce-overhead")`, cold, with what time is left | a row as the sampler's, or `status` `skipped` and the `reason` |
+| `gpu_check_summary.json` | made from the files that exist | `stages`, `sampler` (per step count: `gpu_ms_per_image` by variant and the ratios), `training`, `tests`, `passed`, `markdown` (the tables below) |
+
+Every stage file also holds `status` (`ok`, `failed`, `timeout`, `skipped` with a `reason`, or
+`running` when the run stopped inside the stage), `seconds`, `budget_s` and `metadata` (`device_name`,
+torch, CUDA, git SHA). The exit status is 0 when the tests, the training step, its estimate
+comparison and the sampler passed; the compile stages may be skipped. After a stopped run,
+`python benchmarks/gpu_check.py --summary` makes the summary from the files there and
+`python benchmarks/_report.py` this page. Without a GPU, `python benchmarks/gpu_check.py --self-check`
+runs the same plan at tiny size on the CPU (about two minutes) into a temporary folder.
+
+**Read it.** A ratio `a vs b` is the time of `b` over the time of `a`: above 1, `a` is faster.
+`cuda_graph vs diffusers` is what `CUDAGraphSampler` gains over diffusers' own pipeline with the same
+UNet, VAE and steps; `cuda_graph vs eager` what the captured loop saves over addkit's eager loop
+(Python and kernel-launch overhead); `eager vs diffusers` near 1 means addkit's loop costs what the
+pipeline's does. Training: `measured / estimate` within 0.90-1.10 confirms the CPU estimate
+of the memory table above; `memory_reserved` above `max_memory_allocated` is the allocator's cache
+and fragmentation, which the 90 % headroom of the "fits" columns allows for."""
+
+
 def render_gpu_check(payloads: list[dict[str, Any]], heading: str) -> str:
-    """The GPU check section, or the note that its figures are missing."""
+    """The GPU check section: how to run it, then its summary (or the note that the figures are missing)."""
     title = f"{heading} GPU check"
     by = {p.get("benchmark"): p for p in payloads}
-    if not by:
-        return (
-            f"{title}\n\n**The CUDA figures are missing**: no GPU run of `python benchmarks/gpu_check.py` exists "
-            "yet. On one GPU it runs every CUDA-marked test, times the sampler at 512x512 (diffusers, eager, "
-            "CUDA graph, `torch.compile`), runs ADD training steps at 512x512 and compares their peak memory "
-            "with the estimate above, then writes its results here."
+    summary = by.get("gpu_check_summary")
+    if summary:
+        result = summary["markdown"]
+    elif by:
+        result = (
+            "Stage files of a GPU check exist without a summary (the run stopped early): run "
+            "`python benchmarks/gpu_check.py --summary`, then `python benchmarks/_report.py`."
         )
-    parts = [title]
-    meta = next(iter(by.values())).get("metadata", {})
-    parts.append(
-        f"{meta.get('device_name', 'GPU')}, torch {meta.get('torch', '?')}, git `{str(meta.get('git_sha', '?'))[:10]}`."
-    )
-    tests = by.get("gpu_check_tests", {}).get("tests")
-    if tests:
-        parts.append(
-            f"CUDA-marked tests: {tests.get('passed', 0)} passed, {len(tests.get('failed') or [])} failed "
-            f"({', '.join(tests.get('failed') or []) or 'none'}), {tests.get('skipped', 0)} skipped."
+    else:
+        result = (
+            "**The CUDA figures are missing**: no GPU run of `python benchmarks/gpu_check.py` exists yet."
         )
-    sampler = by.get("gpu_check_sampler")
-    if sampler:
-        lines = [
-            "| variant | GPU ms / image | CPU ms / call | first call (s) | vs eager |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in sampler["results"]:
-            lines.append(
-                f"| `{r['name']}` | {r['gpu_ms_per_image']:.1f} | {r['cpu_ms_per_call']:.1f} | "
-                f"{r['first_call_s']:.1f} | {r['speedup_vs_naive']:.2f}x |"
-            )
-        skipped = sampler.get("skipped") or {}
-        note = "; ".join(f"`{k}`: {v}" for k, v in skipped.items())
-        parts.append(
-            f"Sampler, {sampler.get('description', '')}." + (f" Not measured: {note}." if note else "")
-        )
-        parts.append("\n".join(lines))
-    training = by.get("gpu_check_training")
-    if training:
-        lines = [
-            "| configuration | images / s | measured peak (GiB) | estimate (GiB) | measured / estimate |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in training["results"]:
-            if r.get("status") != "ok":
-                lines.append(f"| `{r['name']}` | {r.get('status')} | | | |")
-                continue
-            ratio = f"{r['ratio']:.3f}" if r.get("ratio") is not None else ""
-            lines.append(
-                f"| `{r['name']}` | {r['images_per_s']:.2f} | {_gib(r['peak_bytes'])} | "
-                f"{_gib(r.get('estimate_bytes'))} | {ratio} |"
-            )
-        parts.append(
-            f"Training, {training.get('description', '')} (tolerance {training.get('tolerance', 0.1):.0%})."
-        )
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+    return f"{title}\n\n{result}\n\n{GPU_CHECK_HOWTO}"
 
 
 def _split(

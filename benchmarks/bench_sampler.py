@@ -14,7 +14,9 @@ optionally followed by the VAE decode. Variants, for each step count ``n`` (and 
 
 Each row's ``speedup_vs_naive`` is relative to the eager loop with the same step count and
 decode setting (the payload's ``naive`` names the eager loop with the most steps); ``vs_diffusers`` to the pipeline. Times are per call; ``ms_per_image`` divides
-by the batch. Compilation and capture happen in the warm-up and are not timed
+by the batch. On CUDA the memory column counts the private memory pool a captured graph keeps
+(``_memory.peak_memory``); the compiled variants share inductor's one pool, counted in each.
+Compilation and capture happen in the warm-up and are not timed
 (``first_call_s`` records the first call). Under ``torch.no_grad()`` autograd saves nothing, so the
 CPU memory column is 0 by construction.
 
@@ -25,9 +27,10 @@ loop is compiled, since inductor needs minutes per step count on a small CPU) or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ import torch
 
 import _runner
 from _common import finish, time_fn
-from _memory import peak_memory
+from _memory import peak_memory, private_pools
 from addkit.denoisers import wrap
 from addkit.sampling import CUDAGraphSampler, sample
 from addkit.schedules import VPSchedule
@@ -107,11 +110,23 @@ QUICK = Config(  # addkit.testing's tiny SDXL UNet and VAE: text width 2 x 16, p
 TINY = dataclasses.replace(QUICK, batch=1, steps=(1, 2), decode=(False,), compile_steps=(), min_run_time=0.05)
 
 
+@contextlib.contextmanager
+def building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules constructed inside are made on ``device`` in ``dtype`` (no CPU copy, no cast)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _models(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    unet = tiny_sdxl_unet(sample_size=cfg.latent, **cfg.unet)
-    vae = tiny_vae(**cfg.vae)
-    cast = {} if dtype == torch.float32 else {"dtype": dtype}  # fp32: no cast (and no diffusers warning)
-    return tuple(m.to(device, **cast).eval().requires_grad_(False) for m in (unet, vae))  # type: ignore[return-value]
+    with building_on(device, dtype):  # SDXL's 2.6 B UNet straight on the GPU in bf16
+        unet = tiny_sdxl_unet(sample_size=cfg.latent, **cfg.unet)
+        vae = tiny_vae(**cfg.vae)
+    return tuple(m.eval().requires_grad_(False) for m in (unet, vae))  # type: ignore[return-value]
 
 
 def _pipeline(unet: Any, vae: Any) -> Any:
@@ -134,8 +149,15 @@ def _pipeline(unet: Any, vae: Any) -> Any:
     return pipe
 
 
-def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[], object]], dict[str, Any]]:
-    """Every variant as a closure over one UNet, one VAE and one batch of inputs."""
+def make_steps(
+    cfg: Config, device: torch.device, *, graphs: bool | None = None
+) -> tuple[dict[str, Callable[[], object]], dict[str, Any]]:
+    """Every variant as a closure over one UNet, one VAE and one batch of inputs.
+
+    ``graphs``: include the ``cuda_graph`` variants (default: on CUDA only; elsewhere they run
+    the eager loop). The second value holds ``mem_kw`` for `peak_memory` and ``pools``: per
+    variant, what returns the ids of the CUDA-graph memory pools it replays.
+    """
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     unet, vae = _models(cfg, device, dtype)
     schedule = VPSchedule.scaled_linear()
@@ -154,6 +176,8 @@ def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[]
         return vae.decode(z / vae.config.scaling_factor).sample
 
     steps: dict[str, Callable[[], object]] = {}
+    samplers: list[CUDAGraphSampler] = []
+    pools: dict[str, Callable[[], Any]] = {}
     for n in cfg.steps:
         ts = schedule.timesteps(n)
         for dec in cfg.decode:
@@ -178,19 +202,30 @@ def make_steps(cfg: Config, device: torch.device) -> tuple[dict[str, Callable[[]
                 ).images
 
             steps[f"eager_{suffix}"] = eager
-            if device.type == "cuda":
+            pools[f"eager_{suffix}"] = pools[f"diffusers_{suffix}"] = lambda: ()
+            if graphs or (graphs is None and device.type == "cuda"):
                 graph = CUDAGraphSampler(
                     denoiser, schedule=schedule, timesteps=ts, renoise="ancestral", decode=post
                 )
+                samplers.append(graph)
                 steps[f"cuda_graph_{suffix}"] = lambda s=graph: s(noise, **cond)
+                pools[f"cuda_graph_{suffix}"] = lambda s=graph: s.memory_pools
             if n in cfg.compile_steps:
                 mode = "reduce-overhead" if device.type == "cuda" else "default"
                 comp = CUDAGraphSampler(
                     denoiser, schedule=schedule, timesteps=ts, renoise="ancestral", decode=post, compile=mode
                 )
                 steps[f"compile_{suffix}"] = lambda s=comp: s(noise, **cond)
+                pools[f"compile_{suffix}"] = lambda: _inductor_pools(device, samplers)
             steps[f"diffusers_{suffix}"] = pipeline
-    return steps, {"mem_kw": {"modules": [unet, vae], "inputs": [noise, *cond.values()]}}
+    mem_kw = {"modules": [unet, vae], "inputs": [noise, *cond.values()]}
+    return steps, {"mem_kw": mem_kw, "pools": pools}
+
+
+def _inductor_pools(device: torch.device, samplers: list[CUDAGraphSampler]) -> list[Any]:
+    """The private pools not held by ``samplers``: inductor's, shared by every compiled variant."""
+    ours = {tuple(p) for s in samplers for p in s.memory_pools}
+    return [p for p in private_pools(device) if p not in ours]
 
 
 def _setting(name: str) -> str:
@@ -241,7 +276,7 @@ def run(cfg: Config, device: torch.device, *, out_dir: Path | None = None) -> di
     rows = []
     for name, fn in steps.items():
         timing = time_fn(fn, cfg.min_run_time, device=device)
-        mem = peak_memory(fn, device, **extra["mem_kw"])
+        mem = peak_memory(fn, device, **extra["mem_kw"], pools=extra["pools"][name])
         ms = timing["median_s"] * 1e3 / cfg.batch
         rows.append(
             {"name": name, **timing, "peak_bytes": mem, "ms_per_image": ms, "first_call_s": first[name]}

@@ -1,69 +1,81 @@
-"""One command that proves addkit's CUDA paths on one GPU, in at most 8 minutes.
+"""One command that measures addkit's CUDA paths on one GPU within one 8-minute call.
 
-``python benchmarks/gpu_check.py`` on a machine with a GPU:
+``python benchmarks/gpu_check.py`` on a machine with a GPU runs these stages, each in its own
+process under its own time budget, in this order (``_gpu_stages.py`` holds their bodies):
 
-a. runs every CUDA-marked test (``pytest -m cuda``);
-b. times the few-step sampler at 512x512, bf16, batch 1, on an SDXL-architecture UNet and VAE
-   with random weights (decode included): diffusers' ``StableDiffusionXLPipeline``, addkit's
-   eager ``sample``, ``CUDAGraphSampler`` and ``CUDAGraphSampler(compile="reduce-overhead")``,
-   at 1 and 4 steps; GPU time per image (CUDA events) and CPU time per call (until the call
-   returns);
-c. runs ADD training steps at 512x512 (full fine-tune, LoRA, teacher-feature discriminator;
-   ``_add_setups.py``, the recipe's step): images per second and the allocator's peak;
-d. compares each peak of (c) with the fake-tensor estimate of ``bench_memory.py`` for the same
-   configuration (computed on the host CPU while the GPU works; within 10 % passes);
+1. ``sampler``: 1- and 4-step 512x512 generation (SDXL-architecture UNet + VAE decode, random
+   weights, bf16, batch 1, built on the GPU): diffusers' ``StableDiffusionXLPipeline``, addkit's
+   eager loop, ``CUDAGraphSampler``: GPU ms per image (CUDA events), host ms per call, peak memory;
+2. ``training``: one ADD training step, SDXL LoRA 512x512 batch 4: images per second,
+   ``max_memory_allocated`` and ``memory_reserved`` against the committed CPU estimate
+   (``results/estimate/memory.json``; within 10 % passes);
+3. ``tests``: ``pytest -m cuda``;
+4. ``compile_1step``, ``compile_4step``: ``CUDAGraphSampler(compile="reduce-overhead")``, cold,
+   each stopped at its budget and then recorded as skipped with the reason.
 
-then writes ``benchmarks/results/cuda/gpu_check_*.json`` (with the device name) and regenerates
-``benchmarks/README.md`` and ``docs/performance.md``. Stages run in the order a, c, b (the
-``torch.compile`` variants last); a stage that would overrun the budget is skipped and says so.
-The exit status is 1 when a test, a step or a comparison failed.
+Each stage writes ``<out>/gpu_check_<stage>.json`` as soon as it finishes (the sampler after each
+variant), so a run stopped at any point keeps what it measured; ``gpu_check_summary.json`` (and
+its table, printed) is made from whatever stage files exist, at the end or with ``--summary``.
+With the default ``--out`` (``benchmarks/results/cuda``) the README and ``docs/performance.md``
+tables are regenerated. The exit status is 1 when a test, the training step, the estimate
+comparison or a non-compile stage failed.
 
-Without a GPU (or with ``--self-check``) it says so, checks its own plan on the CPU (imports
-resolve, every sampler variant and training configuration builds at tiny size and runs, the
-estimate side runs at tiny size, the CUDA-marked tests are found) and exits 0 without writing
-anything. ``tests/benchmarks/test_gpu_check.py`` runs that.
+Without a GPU (or with ``--self-check``) the same plan runs on the CPU at tiny size (tiny UNet
+and VAE, the tiny SDXL training setup and its computed estimate; the CUDA tests are only
+counted; the compile stages get budgets a CPU cannot meet, so both ways of being skipped are
+shown) into ``--out`` (default: a new temporary folder). ``tests/benchmarks/test_gpu_check.py``
+runs it, and kills it midway to check that finished stages keep their files.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
-import re
-import statistics
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import addkit
-import bench_sampler
-from _add_setups import StepConfig, setup_for
-from _common import RESULTS, ROOT, metadata, write_result
-from _estimate import estimate_step_memory, warm_optimizers
-from _materialize import Materializer
+from _common import RESULTS, ROOT
 
 BUDGET_S = 480
-TOLERANCE = 0.10
-SAMPLER = dataclasses.replace(bench_sampler.FULL, steps=(1, 4), decode=(True,), compile_steps=(1, 4))
-SAMPLER_TINY = dataclasses.replace(bench_sampler.TINY, steps=(1, 4), decode=(True,), compile_steps=())
-TRAINING = (
-    StepConfig("sdxl", 512, 4, "full", checkpointing=True),
-    StepConfig("sdxl", 512, 4, "lora", checkpointing=True),
-    StepConfig("sdxl", 512, 4, "lora", checkpointing=True, discriminator="teacher"),
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: the most it may take, what it must leave for the stages after it, the least worth starting."""
+
+    name: str
+    budget_s: float
+    leave_s: float
+    min_s: float = 20.0
+
+
+PLAN = (  # measured against an 8-minute call: ~75 s, ~60 s, ~90 s, then compile gets what is left
+    Stage("sampler", 150, 160),
+    Stage("training", 120, 70),
+    Stage("tests", 150, 15),
+    Stage("compile_1step", 300, 10),
+    Stage("compile_4step", 300, 10),
 )
-RESERVE_S = {"training": 150, "sampler": 45, "compile": 120}  # seconds a stage leaves for what follows
+PLAN_TINY = (  # the same stages on a CPU; the compile budgets are meant to be missed
+    Stage("sampler", 150, 0),
+    Stage("training", 150, 0),
+    Stage("tests", 10, 0, min_s=0),
+    Stage("compile_1step", 5, 0, min_s=1),
+    Stage("compile_4step", 0.5, 0, min_s=1),
+)
+OPTIONAL = ("compile_1step", "compile_4step")  # skipping these is no failure
 
 
 class Clock:
-    """The remaining budget; a stage starts only when it leaves the reserve for the ones after it."""
+    """Seconds left of the whole check."""
 
     def __init__(self, budget_s: float) -> None:
         self.end = time.monotonic() + budget_s
@@ -71,303 +83,158 @@ class Clock:
     def left(self) -> float:
         return self.end - time.monotonic()
 
-    def allows(self, reserve_s: float) -> bool:
-        return self.left() > reserve_s
+
+# ------------------------------------------------------------------------------------------------
+# one stage, in this process (``--stage``)
+# ------------------------------------------------------------------------------------------------
+def run_stage_here(name: str, out: Path, *, tiny: bool, budget_s: float) -> int:
+    """Run stage ``name`` in this process and write its file; 0 when it passed."""
+    import _gpu_stages as st
+
+    if tiny:
+        torch.set_num_threads(1)
+    device = torch.device("cpu" if tiny else "cuda")
+    file = st.StageFile(out, name, device, budget_s)
+    if name == "sampler":
+        payload = st.sampler_stage(file, tiny=tiny)
+    elif name == "training":
+        payload = st.training_stage(file, tiny=tiny)
+    elif name.startswith("compile_"):
+        payload = st.compile_stage(file, st.step_count(name), tiny=tiny)
+    else:
+        raise ValueError(f"gpu_check: unknown stage {name!r}; stages: {[s.name for s in PLAN]}")
+    return 0 if payload["status"] == "ok" else 1
 
 
 # ------------------------------------------------------------------------------------------------
-# (a) CUDA-marked tests
+# the plan: every stage in a child process with a timeout
 # ------------------------------------------------------------------------------------------------
-def cuda_test_files() -> dict[str, int]:
-    """Test files with CUDA-marked tests and how many markers each holds (a static count)."""
-    found = {}
-    for path in sorted((ROOT / "tests").rglob("test_*.py")):
-        n = len(re.findall(r"pytest\.mark\.cuda\b", path.read_text()))
-        if n:
-            found[str(path.relative_to(ROOT))] = n
-    return found
+def _command(stage: Stage, out: Path, *, tiny: bool, timeout: float) -> list[str]:
+    if stage.name == "tests":
+        return [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, str(Path(__file__)), "--stage", stage.name, "--out", str(out)]
+    return cmd + ["--stage-budget", f"{timeout:.0f}"] + (["--tiny"] if tiny else [])
 
 
-def run_cuda_tests(timeout_s: float) -> dict[str, Any]:
-    """``pytest -m cuda``: counts of passed / failed / skipped tests and the failures' names."""
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "cuda.xml"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-m",
-            "cuda",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"--junitxml={xml}",
-        ]
-        start = time.perf_counter()
-        try:
-            done = subprocess.run(
-                cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
-            )
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "timeout_s": timeout_s}
-        cases = ET.parse(xml).getroot().iter("testcase") if xml.exists() else []
-        result: dict[str, Any] = {
-            "passed": 0,
-            "failed": [],
-            "skipped": 0,
-            "seconds": time.perf_counter() - start,
-        }
-        for case in cases:
-            name = f"{case.get('classname')}::{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
-                result["failed"].append(name)
-            elif case.find("skipped") is not None:
-                result["skipped"] += 1
-            else:
-                result["passed"] += 1
-    result["status"] = "ok" if done.returncode == 0 and not result["failed"] else "failed"
-    result["tail"] = done.stdout[-2000:]
-    return result
-
-
-# ------------------------------------------------------------------------------------------------
-# (b) sampler: GPU time per image, CPU time per call
-# ------------------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], *, calls: int, device: torch.device) -> dict[str, float]:
-    """Median GPU time (CUDA events; wall time on a CPU) and host time until ``fn`` returns, per call."""
-    gpu, host = [], []
-    for _ in range(calls):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize(device)
-            gpu.append(start.elapsed_time(end) / 1e3)
-        else:
-            gpu.append(t1 - t0)
-        host.append(t1 - t0)
-    q = statistics.quantiles(gpu, n=4) if len(gpu) > 1 else [gpu[0]] * 3
-    return {
-        "median_s": statistics.median(gpu),
-        "iqr_s": q[2] - q[0],
-        "cpu_s_per_call": statistics.median(host),
-    }
-
-
-def run_sampler(cfg: Any, device: torch.device, clock: Clock, *, calls: int = 10) -> dict[str, Any]:
-    """Warm up and time each variant (compile last); variants the budget cannot afford are skipped."""
-    from _memory import peak_memory
-
-    steps, extra = bench_sampler.make_steps(cfg, device)
-    order = sorted(steps, key=lambda n: (n.startswith("compile"), n))
-    rows, skipped = [], {}
-    for name in order:
-        stage = "compile" if name.startswith("compile") else "sampler"
-        if not clock.allows(RESERVE_S[stage]):
-            skipped[name] = f"budget: {clock.left():.0f} s left"
-            continue
-        fn = steps[name]
-        try:
-            start = time.perf_counter()
-            fn()  # capture, compile
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            first = time.perf_counter() - start
-            fn()
-            row = {"name": name, **time_call(fn, calls=calls, device=device), "first_call_s": first}
-            row["peak_bytes"] = peak_memory(fn, device, **extra["mem_kw"])
-        except (RuntimeError, ValueError, TypeError) as err:  # a compile or capture failure: recorded
-            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            continue
-        row["gpu_ms_per_image"] = row["median_s"] * 1e3 / cfg.batch
-        row["cpu_ms_per_call"] = row["cpu_s_per_call"] * 1e3
-        rows.append(row)
-    by = {r["name"]: r for r in rows}
-    for r in rows:
-        eager = by.get("eager_" + bench_sampler._setting(r["name"]))
-        r["speedup_vs_naive"] = eager["median_s"] / r["median_s"] if eager else 1.0
-    return {"rows": rows, "skipped": skipped}
-
-
-# ------------------------------------------------------------------------------------------------
-# (c) training steps, (d) estimates
-# ------------------------------------------------------------------------------------------------
-def run_training(cfg: StepConfig, device: torch.device, *, steps: int = 3) -> dict[str, Any]:
-    """Peak of one steady-state step (optimiser state in place) and the median time of ``steps`` more."""
-    setup = None
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+def _child(cmd: list[str], timeout: float) -> tuple[str, int | None]:
+    """Run ``cmd`` from the repository root; its output and exit status (``None``: stopped at ``timeout``)."""
+    paths = [str(ROOT), str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")]  # the recipe's core: examples/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     try:
-        setup = setup_for(cfg)(Materializer(None, device))
-        warm_optimizers(setup)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        setup.step()
-        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
-        timing = time_call(setup.step, calls=steps, device=device)
-    except (RuntimeError, ValueError, TypeError) as err:  # out of memory (a RuntimeError): recorded
-        return {"name": cfg.name, "status": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-    finally:
-        del setup
-        gc.collect()  # the models sit in reference cycles (closures, hooks)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    images = cfg.batch / timing["median_s"]
-    return {"name": cfg.name, "status": "ok", **timing, "peak_bytes": int(peak), "images_per_s": images}
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:  # its output is bytes whatever text= says
+        text = b"".join(x for x in (err.stdout, err.stderr) if isinstance(x, bytes))
+        return text.decode(errors="replace"), None
+    return done.stdout + done.stderr, done.returncode
 
 
-def estimate(cfg: StepConfig) -> int:
-    """The fake-tensor estimate of ``cfg``'s peak (runs in a worker process on the host CPU)."""
-    torch.set_num_threads(1)
-    return int(estimate_step_memory(setup_for(cfg))["peak"]["total"])
+def run_stage(stage: Stage, out: Path, device: torch.device, *, tiny: bool, timeout: float) -> dict[str, Any]:
+    """Run ``stage`` in a child process; make sure its file exists and says how it ended."""
+    import _gpu_stages as st
+
+    file = st.StageFile(out, stage.name, device, timeout)
+    if stage.name == "tests" and tiny:
+        files = st.cuda_test_files()
+        why = f"CPU self-check: `pytest -m cuda` needs a GPU ({sum(files.values())} markers in {len(files)} files)"
+        return file.write("skipped", [], reason=why, files=files)
+    output, rc = _child(_command(stage, out, tiny=tiny, timeout=timeout), timeout)
+    if stage.name == "tests":
+        tests = st.parse_pytest(output)
+        status = "timeout" if rc is None else ("ok" if rc == 0 and not tests["failed"] else "failed")
+        return file.write(status, [], tests=tests, files=st.cuda_test_files(), returncode=rc)
+    written = json.loads(file.path.read_text()) if file.path.exists() else None
+    if rc is None:  # stopped at its budget: keep what it wrote
+        why = f"stopped at its budget of {timeout:.0f} s" + (
+            " (a cold torch.compile)" if "compile" in stage.name else ""
+        )
+        payload = {**(written or {}), "status": "timeout" if stage.name not in OPTIONAL else "skipped"}
+        return _rewrite(file, payload, reason=why, tail=output[-2000:])
+    if written is None or written.get("status") == "running":
+        return _rewrite(
+            file, {**(written or {}), "status": "failed"}, reason=f"exit status {rc}", tail=output[-2000:]
+        )
+    return _rewrite(file, written, seconds_in_stage=written["seconds"])  # seconds: with the process start
 
 
-def compare(row: dict[str, Any], estimated: int | None) -> None:
-    """Add the estimate, the ratio measured / estimate and whether it is within the tolerance."""
-    row["estimate_bytes"] = estimated
-    if estimated and row.get("peak_bytes"):
-        row["ratio"] = row["peak_bytes"] / estimated
-        row["within_10pct"] = abs(row["ratio"] - 1) <= TOLERANCE
-
-
-# ------------------------------------------------------------------------------------------------
-# The run on a GPU, and the plan check without one
-# ------------------------------------------------------------------------------------------------
-def _payload(name: str, description: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    device = torch.device("cuda")
-    return {
-        "benchmark": name,
-        "description": description,
-        "results": rows,
-        "metadata": metadata(device),
-        **extra,
+def _rewrite(file: Any, payload: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Rewrite a stage's payload through the orchestrator's `StageFile` (its seconds, its metadata)."""
+    results = payload.pop("results", [])
+    status = payload.pop("status")
+    keep = {
+        k: v for k, v in payload.items() if k not in ("benchmark", "stage", "seconds", "budget_s", "metadata")
     }
+    return file.write(status, results, **{**keep, **extra})
 
 
-def run_gpu(budget_s: float, out: Path) -> int:
-    """Stages a, c, b, d on the GPU; write the JSON and the tables; 0 when everything passed."""
-    import multiprocessing
-
-    from _report import write_all
+def run_plan(out: Path, budget_s: float, *, tiny: bool) -> int:
+    """Every stage of the plan in order, within ``budget_s``; then the summary. 0 when all passed."""
+    import _gpu_summary
 
     clock = Clock(budget_s)
-    # (d) on the host CPU while the GPU works; spawned before CUDA is initialised here
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        estimates: dict[str, Future[int]] = {c.name: pool.submit(estimate, c) for c in TRAINING}
-        device = torch.device("cuda")
-        print(f"gpu_check: {torch.cuda.get_device_name(device)}, budget {budget_s:.0f} s", flush=True)
-        tests = run_cuda_tests(timeout_s=max(30.0, min(240.0, clock.left() - 240)))
-        print(f"(a) cuda tests: {tests.get('passed', 0)} passed, failed: {tests.get('failed')}", flush=True)
-        training = []
-        for cfg in TRAINING:
-            fits = clock.allows(RESERVE_S["training"])
-            row = run_training(cfg, device) if fits else {"name": cfg.name, "status": "skipped: budget"}
-            training.append(row)
-            print(
-                f"(c) {cfg.name}: {row['status']}, {row.get('images_per_s', 0):.2f} images/s, "
-                f"peak {row.get('peak_bytes', 0) / 2**30:.2f} GiB",
-                flush=True,
-            )
-        sampler = run_sampler(SAMPLER, device, clock)
-        for r in sampler["rows"]:
-            print(
-                f"(b) {r['name']}: {r['gpu_ms_per_image']:.1f} ms/image GPU, {r['cpu_ms_per_call']:.1f} ms/call CPU"
-            )
-        for name, why in sampler["skipped"].items():
-            print(f"(b) {name}: skipped ({why})")
-        for row in training:
-            try:
-                got = estimates[row["name"]].result(timeout=max(60.0, clock.left()))
-            except (RuntimeError, ValueError, TypeError, TimeoutError) as err:  # the comparison fails below
-                got, row["estimate_error"] = None, f"{type(err).__name__}: {err}"
-            compare(row, got if row.get("peak_bytes") else None)
-            print(f"(d) {row['name']}: measured / estimate = {row.get('ratio', float('nan')):.3f}")
-    files = cuda_test_files()
-    write_result(
-        "gpu_check_tests",
-        _payload("gpu_check_tests", "pytest -m cuda", [], tests=tests, files=files),
-        out_dir=out,
-    )
-    write_result(
-        "gpu_check_sampler",
-        _payload(
-            "gpu_check_sampler",
-            "few-step sampling at 512x512, bf16, batch 1, SDXL-architecture UNet + VAE decode",
-            sampler["rows"],
-            skipped=sampler["skipped"],
-            naive="eager_4step_decode",
-            config=dataclasses.asdict(SAMPLER),
-        ),
-        out_dir=out,
-    )
-    write_result(
-        "gpu_check_training",
-        _payload(
-            "gpu_check_training",
-            "ADD training step at 512x512 (the recipe's step): measured peak vs fake-tensor estimate",
-            training,
-            tolerance=TOLERANCE,
-        ),
-        out_dir=out,
-    )
-    write_all()
-    failed = tests.get("status") != "ok" or any(
-        r.get("status") != "ok" or not r.get("within_10pct", False) for r in training
-    )
-    print(f"gpu_check: {'FAILED' if failed else 'ok'} in {budget_s - clock.left():.0f} s; results in {out}")
-    return 1 if failed else 0
-
-
-def self_check() -> int:
-    """Without a GPU: check the plan on the CPU at tiny size; write nothing; 0 when it holds."""
-    from addkit.sampling import CUDAGraphSampler
-
-    cpu = torch.device("cpu")
-    files = cuda_test_files()
-    print(f"(a) plan: pytest -m cuda ({sum(files.values())} CUDA markers in {len(files)} files)")
-    steps, _ = bench_sampler.make_steps(SAMPLER_TINY, cpu)
-    for fn in steps.values():
-        fn()
-    vp = addkit.VPSchedule.scaled_linear()
-    denoiser = addkit.wrap(lambda x_t, t: x_t, vp, "eps")
-    for n in SAMPLER.compile_steps:  # the compiled variants are built as on the GPU (not compiled here)
-        CUDAGraphSampler(
-            denoiser, schedule=vp, timesteps=vp.timesteps(n), renoise="ancestral", compile="reduce-overhead"
-        )
-    kinds = sorted({n.split("_")[0] for n in steps})
-    print(f"(b) plan: steps {SAMPLER.steps} x eager, CUDA graph, compile, diffusers; tiny CPU run: {kinds}")
-    tiny = [dataclasses.replace(c, model="tiny_sdxl", resolution=16, batch=2) for c in TRAINING]
-    for full, cfg in zip(TRAINING, tiny):
-        row = run_training(cfg, cpu, steps=1)
-        print(f"(c) plan: {full.name}; its tiny twin: {row['status']}")
-        if row["status"] != "ok":
-            return 1
-    got = estimate(tiny[-1])
+    device = torch.device("cpu" if tiny else "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("gpu_check_*.json"):  # this run's files only
+        old.unlink()
     print(
-        f"(d) plan: estimate vs torch.cuda.max_memory_allocated within {TOLERANCE:.0%}; tiny estimate {got} bytes"
+        f"gpu_check: {'CPU self-check' if tiny else 'GPU run'}, budget {budget_s:.0f} s, files in {out}",
+        flush=True,
     )
-    return 0
+    plan = PLAN_TINY if tiny else PLAN
+    for stage in plan:
+        timeout = min(stage.budget_s, clock.left() - stage.leave_s)
+        if timeout < stage.min_s:
+            import _gpu_stages as st
+
+            why = (
+                f"not started: {max(timeout, 0):.1f} s available to it (budget {stage.budget_s:g} s, "
+                f"{clock.left():.0f} s left, {stage.leave_s:g} s kept for later stages), under its {stage.min_s:g} s"
+            )
+            payload = st.StageFile(out, stage.name, device, max(timeout, 0.0)).write(
+                "skipped", [], reason=why
+            )
+        else:
+            payload = run_stage(stage, out, device, tiny=tiny, timeout=timeout)
+        reason = f" ({payload['reason']})" if payload.get("reason") else ""
+        print(f"[{stage.name}] {payload['status']} in {payload['seconds']:.1f} s{reason}", flush=True)
+    summary = _gpu_summary.write_summary(out, expected=[s.name for s in plan], optional=OPTIONAL)
+    print(summary["markdown"], flush=True)
+    if not tiny and out == RESULTS / "cuda":
+        from _report import write_all
+
+        write_all()
+    print(
+        f"gpu_check: {'ok' if summary['passed'] else 'FAILED'} in {budget_s - clock.left():.0f} s", flush=True
+    )
+    return 0 if summary["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole check")
-    p.add_argument("--out", type=Path, default=RESULTS / "cuda", help="results folder")
-    p.add_argument("--self-check", action="store_true", help="check the plan on the CPU even with a GPU")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/cuda)")
+    p.add_argument("--self-check", action="store_true", help="run the plan on the CPU at tiny size")
+    p.add_argument("--summary", action="store_true", help="only (re)make the summary from the stage files")
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (what the plan runs)
+    p.add_argument("--stage-budget", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.self_check or not torch.cuda.is_available():
-        if not args.self_check:
-            print(
-                "gpu_check: no CUDA device here; checking the plan on the CPU (nothing is measured or written)"
-            )
-        return self_check()
-    return run_gpu(args.budget, args.out)
+    tiny = args.self_check or args.tiny or not torch.cuda.is_available()
+    if args.stage:
+        return run_stage_here(args.stage, args.out, tiny=args.tiny, budget_s=args.stage_budget)
+    if args.summary:
+        import _gpu_summary
+
+        out = args.out or RESULTS / "cuda"
+        summary = _gpu_summary.write_summary(out, expected=[s.name for s in PLAN], optional=OPTIONAL)
+        print(summary["markdown"])
+        return 0 if summary["passed"] else 1
+    if tiny and not args.self_check:
+        print("gpu_check: no CUDA device here; running the plan on the CPU at tiny size (a self-check)")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if tiny else RESULTS / "cuda")
+    return run_plan(out, args.budget, tiny=tiny)
 
 
 if __name__ == "__main__":

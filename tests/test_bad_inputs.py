@@ -4,20 +4,37 @@ fault table in docs/faults.md."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from addkit import ADDObjective, FlowSchedule, VPSchedule, apply_cfg, sample, wrap
-from addkit.discriminators import ProjectedDiscriminator, TappedFeatures
+from addkit import (
+    ADDObjective,
+    DMDObjective,
+    FewStepSampler,
+    FlowSchedule,
+    VPSchedule,
+    apply_cfg,
+    sample,
+    value_checks,
+    wrap,
+)
+from addkit.discriminators import ProjectedDiscriminator, TappedFeatures, TeacherFeatures
 from addkit.losses import (
+    ApproximateR1,
+    R1Features,
     distillation_loss,
+    fake_score_loss,
     hinge_d_loss,
     hinge_g_loss,
     non_saturating_d_loss,
     r1_penalty,
     sample_distillation_timesteps,
 )
+from addkit.testing import count_host_reads, tiny_dinov2
 
 VP = VPSchedule.scaled_linear()
 
@@ -128,3 +145,198 @@ def test_float16_images_into_a_float32_discriminator_are_cast() -> None:
     x = images.half().requires_grad_(True)
     D(x).sum().backward()  # the cast is differentiable: gradients reach the fp16 images
     assert x.grad is not None and x.grad.dtype == torch.float16
+
+
+# -- round three: tensor timesteps are range-checked on the device, without a host read --------------
+
+
+@pytest.mark.parametrize("bad", [-1, 1000], ids=["negative", "T"])
+def test_a_tensor_timestep_outside_the_schedule_raises_without_value_checks(bad: int) -> None:
+    calls: list[torch.Tensor] = []
+    d = wrap(lambda x, t: calls.append(t) or x, VP, "x0")
+    t = torch.tensor([10, bad])
+    # default path: a device-side assertion, a RuntimeError at once on the CPU, naming t
+    message = r"WrappedDenoiser.predict: t must lie in \[0, 999\]"
+    with count_host_reads() as reads, pytest.raises(RuntimeError, match=message):
+        d.x0(torch.randn(2, 3), t)
+    assert reads.count == 0 and not calls
+    with pytest.raises(RuntimeError, match=r"VPSchedule.alpha: t must lie in \[0, 999\]"):
+        VP.alpha(t)  # a negative index used to read the table from its end
+    # under value checks: a ValueError with the values found
+    found = rf"t must lie in \[0, 999\], got range \[{min(bad, 10)}, {max(bad, 10)}\]"
+    with value_checks(), pytest.raises(ValueError, match=found):
+        d.x0(torch.randn(2, 3), t)
+    with pytest.raises(RuntimeError, match=r"FlowSchedule.sigma: t must lie in \[0, 1\]"):
+        FlowSchedule().sigma(torch.tensor([0.5, -0.1 if bad < 0 else 1.5]))
+
+
+def test_timesteps_given_as_a_count_are_refused_with_a_hint() -> None:
+    d = wrap(lambda x, t: x, VP, "x0")
+    hint = r"timesteps must be a sequence of timesteps, got the number 4; for 4 steps pass schedule.timesteps"
+    with pytest.raises(TypeError, match=rf"sample: {hint}"):
+        sample(d, torch.randn(2, 3), schedule=VP, timesteps=4)
+    with pytest.raises(TypeError, match=r"FewStepSampler: timesteps must be a sequence"):
+        FewStepSampler(d, schedule=VP, timesteps=4)
+    with pytest.raises(TypeError, match=r"ADDObjective: student_timesteps must be a sequence"):
+        ADDObjective(d, None, VP, adversarial_weight=0, student_timesteps=4)
+    with pytest.raises(TypeError, match=r"DMDObjective: student_timesteps must be a sequence"):
+        DMDObjective(d, d, VP, student_timesteps=4)
+    assert sample(d, torch.ones(2, 3), schedule=VP, timesteps=[4]).shape == (2, 3)  # one step at t = 4
+
+
+# -- round three: arguments of the wrong type, range, device or kind fail where they are written ------
+
+
+class EpsNet(nn.Module):
+    def __init__(self, channels: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x_t)
+
+
+def _discriminator() -> ProjectedDiscriminator:
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4))
+    return ProjectedDiscriminator(TappedFeatures(net, ["0"], resolution=16))
+
+
+class PerSampleR1:
+    """A user R1 placement that forgets to reduce over the batch."""
+
+    default_gamma = 1.0
+
+    def __call__(self, discriminator, real, **kwargs):  # noqa: ANN001, ANN003, ANN204
+        logits = discriminator(real, per_head=True)
+        return logits, torch.ones(real.shape[0])
+
+
+D_LATENT = wrap(lambda x, t: x, VP, "x0")
+
+WRONG: dict[str, tuple[type[Exception], str, Callable[[], object]]] = {
+    "mu: a string": (
+        TypeError, r"FlowSchedule.from_diffusers: mu must be a number, got str",
+        lambda: FlowSchedule.from_diffusers(SimpleNamespace(config={"use_dynamic_shifting": True}), mu="5"),
+    ),
+    "mu for a fixed shift": (
+        ValueError, r"mu=0.5 was given but the scheduler has a fixed shift=3.0 .* leave mu out",
+        lambda: FlowSchedule.from_diffusers(SimpleNamespace(config={"shift": 3.0}), mu=0.5),
+    ),
+    "from_diffusers without .config": (
+        TypeError, r"FlowSchedule.from_diffusers: scheduler must be a diffusers .* got object",
+        lambda: FlowSchedule.from_diffusers(object()),
+    ),
+    "lambda_distill: None": (
+        TypeError, r"ADDObjective: lambda_distill must be a finite non-negative number, got NoneType",
+        lambda: ADDObjective(D_LATENT, None, VP, adversarial_weight=0, lambda_distill=None),
+    ),
+    "sigma: a string": (
+        TypeError, r"ApproximateR1: sigma must be a finite positive number, got str",
+        lambda: ApproximateR1(sigma="0.01"),
+    ),
+    "guidance_scale: a string": (
+        TypeError, r"ADDObjective: guidance_scale must be a number, got str",
+        lambda: ADDObjective(D_LATENT, None, VP, adversarial_weight=0, guidance_scale="7.5"),
+    ),
+    "guidance_scale: None": (
+        TypeError, r"WrappedDenoiser.predict: guidance_scale must be a number, got NoneType",
+        lambda: D_LATENT.x0(torch.ones(2, 3), 10, guidance_scale=None),
+    ),
+    "batch size: a string": (
+        TypeError, r"sample_distillation_timesteps: batch must be a positive integer, got str",
+        lambda: sample_distillation_timesteps("4", VP),
+    ),
+    "seed: a string": (
+        TypeError, r"addkit.testing: seed must be an int, got str",
+        lambda: (pytest.importorskip("timm"), tiny_dinov2(seed="0")),
+    ),
+    "num_train_timesteps: 0": (
+        ValueError, r"VPSchedule.scaled_linear: num_train_timesteps must be a positive integer, got 0",
+        lambda: VPSchedule.scaled_linear(0),
+    ),
+    "num_train_timesteps: -1 (flow)": (
+        ValueError, r"FlowSchedule: num_train_timesteps must be a positive integer, got -1",
+        lambda: FlowSchedule(num_train_timesteps=-1),
+    ),
+    "resolution: 0": (
+        ValueError, r"TappedFeatures: resolution must be a positive integer, got 0",
+        lambda: TappedFeatures(nn.Sequential(nn.Conv2d(3, 8, 4)), ["0"], resolution=0),
+    ),
+    "mixed devices": (
+        ValueError, r"VPSchedule.add_noise: x0 and noise must be on the same device, got cpu and meta",
+        lambda: VP.add_noise(torch.ones(2, 3), torch.ones(2, 3, device="meta"), 10),
+    ),
+    "non-callable discriminator": (
+        TypeError, r"ADDObjective: discriminator must be callable, got str",
+        lambda: ADDObjective(D_LATENT, "dinov2", VP),
+    ),
+    "R1 placement as a class": (
+        TypeError,
+        r"ADDObjective: r1_placement must be an instance, got the class R1Features: pass R1Features\(...\)",
+        lambda: ADDObjective(D_LATENT, _discriminator(), VP, r1_placement=R1Features),
+    ),
+    "R1 placement returning a vector": (
+        ValueError,
+        r"discriminator_loss: the R1 placement .* must return \(logits, a scalar penalty\), .* \(2,\)",
+        lambda: ADDObjective(D_LATENT, _discriminator(), VP, r1_placement=PerSampleR1()).discriminator_loss(
+            torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+        ),
+    ),
+    "wrap of a wrapped denoiser, other prediction": (
+        ValueError,
+        r"wrap: model is a WrappedDenoiser already, bound to .* prediction='x0'; got .* prediction='eps'",
+        lambda: wrap(D_LATENT, VP, "eps"),
+    ),
+    "wrap of a wrapped denoiser, other schedule": (
+        ValueError, r"wrap: model is a WrappedDenoiser already, bound to VPSchedule.* got FlowSchedule",
+        lambda: wrap(D_LATENT, FlowSchedule(), "x0"),
+    ),
+    "wrap of a plain nn.Sequential": (
+        TypeError,
+        r"wrap: model is a plain nn.Sequential, which takes one input, not \(x_t, t, \*\*cond\)",
+        lambda: wrap(nn.Sequential(EpsNet()), VP, "eps"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_wrong_arguments_fail_where_they_are_written(case: str) -> None:
+    kind, message, call = WRONG[case]
+    with pytest.raises(kind, match=message):
+        call()
+
+
+def test_wrap_returns_a_wrapped_denoiser_unchanged_for_its_own_schedule_and_prediction() -> None:
+    assert wrap(D_LATENT, VPSchedule.scaled_linear(), "sample") is D_LATENT  # equal schedule, diffusers' name
+
+
+def test_a_plain_sequential_holding_a_unet_is_named() -> None:
+    pytest.importorskip("diffusers")
+    from addkit.testing import tiny_sd_unet
+
+    with pytest.raises(TypeError, match=r"plain nn.Sequential holding a diffusers UNet2DConditionModel"):
+        wrap(nn.Sequential(tiny_sd_unet()), VP, "eps")
+
+
+def test_meta_tensors_flow_through_as_shapes() -> None:
+    # shape tracing (the memory estimates build models on meta): no data, no check, a meta result
+    d = wrap(lambda x, t: x, VP, "eps")
+    out = sample(d, torch.empty(2, 3, device="meta"), schedule=VP)
+    assert out.is_meta and out.shape == (2, 3)
+
+
+def test_float16_inputs_into_float32_scores_and_teacher_features_are_cast() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 2, 8, 8, generator=g)
+    fake = wrap(EpsNet(), VP, "eps")
+    t, noise = torch.tensor([300, 700]), torch.randn(2, 2, 8, 8, generator=g)
+    want = fake_score_loss(x0, fake, schedule=VP, t=t, noise=noise)
+    got = fake_score_loss(x0.half(), fake, schedule=VP, t=t, noise=noise.half())
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+    assert fake.x0(x0.half(), 500).dtype == torch.float16  # cast in, cast back
+    net = EpsNet()
+    feats = TeacherFeatures(net, VP, ["conv"], channels=[2], t=500)
+    want = feats(x0, noise=noise)[0]
+    got = feats(x0.half(), noise=noise.half())[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

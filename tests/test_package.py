@@ -29,3 +29,11 @@ def test_public_api_names_resolve() -> None:
     assert addkit.__version__ == "0.1.0"
     for name in addkit.__all__:
         assert getattr(addkit, name) is not None, name
+
+
+def test_dmd2_losses_sit_beside_each_other_at_the_top_level() -> None:
+    from addkit.losses import matching
+
+    assert addkit.distribution_matching_loss is matching.distribution_matching_loss
+    assert addkit.fake_score_loss is matching.fake_score_loss
+    assert {"distribution_matching_loss", "fake_score_loss"} <= set(addkit.__all__)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
 
-from addkit.denoisers import DiffusersTransformerAdapter, DiffusersUNetAdapter, _model_dtype, wrap
+from addkit._dtype import module_dtype
+from addkit.denoisers import DiffusersTransformerAdapter, DiffusersUNetAdapter, wrap
 from addkit.schedules import FlowSchedule, VPSchedule
 from addkit.testing import tiny_sd3_transformer, tiny_sd_unet
 
@@ -213,12 +214,12 @@ def test_model_dtype_through_wrappers() -> None:
     from peft import LoraConfig, get_peft_model
 
     unet = _unet().to(torch.bfloat16)
-    assert _model_dtype(torch.compile(unet, backend="eager")) == torch.bfloat16
-    assert _model_dtype(nn.DataParallel(unet, device_ids=[])) == torch.bfloat16
+    assert module_dtype(torch.compile(unet, backend="eager")) == torch.bfloat16
+    assert module_dtype(nn.DataParallel(unet, device_ids=[])) == torch.bfloat16
     lora = get_peft_model(unet, LoraConfig(r=4, target_modules=LORA_TARGETS))
-    assert _model_dtype(lora) == torch.bfloat16
-    assert _model_dtype(nn.Identity()) is None
-    assert _model_dtype(lambda x, t: x) is None
+    assert module_dtype(lora) == torch.bfloat16
+    assert module_dtype(nn.Identity()) is None
+    assert module_dtype(lambda x, t: x) is None
 
 
 def _record_timestep(module: nn.Module) -> list[Tensor]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_choice, check_floating, check_ndim, check_positive
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim, check_positive
 from addkit._random import rand, randint
 
 __all__ = ["DiffAugment", "diff_augment"]
@@ -117,6 +117,7 @@ def diff_augment(
     fn = "diff_augment"
     check_floating(fn, "x", x)
     check_ndim(fn, "x", x, 4, layout="[B, C, H, W]")
+    check_finite_inputs(fn, x=x)
     check_positive(fn, "translation_ratio", translation_ratio, allow_zero=True)
     check_positive(fn, "cutout_ratio", cutout_ratio, allow_zero=True)
     for op in _parse_policy(fn, policy):
@@ -147,8 +148,9 @@ class DiffAugment(nn.Module):
     ) -> None:
         super().__init__()
         self.policy = _parse_policy("DiffAugment", policy)
-        self.translation_ratio = translation_ratio
-        self.cutout_ratio = cutout_ratio
+        fn = "DiffAugment"
+        self.translation_ratio = check_positive(fn, "translation_ratio", translation_ratio, allow_zero=True)
+        self.cutout_ratio = check_positive(fn, "cutout_ratio", cutout_ratio, allow_zero=True)
 
     def extra_repr(self) -> str:
         return f"policy={','.join(self.policy)!r}"

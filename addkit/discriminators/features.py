@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_ndim, check_positive_int
+from addkit._checks import check_callable, check_finite_inputs, check_floating, check_ndim, check_positive_int
 from addkit.typing import FeatureNetwork
 
 __all__ = [
@@ -73,6 +73,7 @@ def check_images(fn: str, images: Any, *, channels: int | None = 3) -> Tensor:
             f"{fn}: images must have {channels} channels ([B, {channels}, H, W] in [-1, 1]), "
             f"got shape {tuple(images.shape)}"
         )
+    check_finite_inputs(fn, images=images)
     return images
 
 
@@ -274,6 +275,9 @@ class TappedFeatures(FrozenFeatures):
         if (mean is None) != (std is None):
             raise ValueError(f"{fn}: pass both mean and std, or neither; got mean={mean}, std={std}")
         check_positive_int(fn, "in_channels", in_channels)
+        if resolution is not None:
+            check_positive_int(fn, "resolution", resolution)
+        check_callable(fn, "select", select)
         for name, stat in (("mean", mean), ("std", std)):
             if stat is not None and len(stat) != in_channels:
                 raise ValueError(

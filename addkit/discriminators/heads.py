@@ -47,7 +47,7 @@ from einops import einsum
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from addkit._checks import check_choice, check_floating, check_ndim
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim, check_positive_int
 
 __all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "HeadNorm", "SampleNorm", "projection_logits"]
 
@@ -70,6 +70,13 @@ def projection_logits(h: Tensor, cmap: Tensor) -> Tensor:
         >>> projection_logits(torch.ones(1, 4, 3), torch.ones(1, 4))
         tensor([[2., 2., 2.]])
     """
+    fn = "projection_logits"
+    check_ndim(fn, "h", check_floating(fn, "h", h), 3, layout="[B, d, N]")
+    check_ndim(fn, "cmap", check_floating(fn, "cmap", cmap), 2, layout="[B, d]")
+    if cmap.shape != h.shape[:2]:
+        want, got = tuple(h.shape[:2]), tuple(cmap.shape)
+        raise ValueError(f"{fn}: cmap must have shape {want} ([B, d] of h), got {got}")
+    check_finite_inputs(fn, h=h, cmap=cmap)
     return einsum(h, cmap, "b d n, b d -> b n") / math.sqrt(h.shape[1])
 
 
@@ -105,8 +112,8 @@ class BatchNormLocal(nn.Module):
         self, num_features: int, *, virtual_batch_size: int = 8, eps: float = 1e-5, affine: bool = True
     ) -> None:
         super().__init__()
-        if virtual_batch_size < 1:
-            raise ValueError(f"BatchNormLocal: virtual_batch_size must be >= 1, got {virtual_batch_size}")
+        check_positive_int("BatchNormLocal", "num_features", num_features)
+        check_positive_int("BatchNormLocal", "virtual_batch_size", virtual_batch_size)
         self.virtual_batch_size = int(virtual_batch_size)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
@@ -119,7 +126,8 @@ class BatchNormLocal(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("BatchNormLocal", "x", x, 3, layout="[B, C, N]")
+        check_ndim("BatchNormLocal", "x", check_floating("BatchNormLocal", "x", x), 3, layout="[B, C, N]")
+        check_finite_inputs("BatchNormLocal", x=x)
         B, C, N = x.shape
         groups = math.ceil(B / self.virtual_batch_size)
         idx = self.group_index(B, x.device)
@@ -158,13 +166,15 @@ class SampleNorm(nn.Module):
 
     def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
         super().__init__()
+        check_positive_int("SampleNorm", "num_features", num_features)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("SampleNorm", "x", x, 3, layout="[B, C, N]")
+        check_ndim("SampleNorm", "x", check_floating("SampleNorm", "x", x), 3, layout="[B, C, N]")
+        check_finite_inputs("SampleNorm", x=x)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = F.group_norm(x32, 1, self.weight.to(x32.dtype), self.bias.to(x32.dtype), self.eps)
         return y.to(x.dtype)
@@ -189,12 +199,15 @@ class EqualizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        check_positive_int("EqualizedLinear", "in_features", in_features)
+        check_positive_int("EqualizedLinear", "out_features", out_features)
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.gain = 1.0 / math.sqrt(in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, d_in] -> [B, d_out]``."""
+        check_finite_inputs("EqualizedLinear", x=check_floating("EqualizedLinear", "x", x))
         return F.linear(x, self.weight * self.gain, self.bias)
 
 
@@ -244,7 +257,11 @@ class DiscHead(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("DiscHead", "norm", norm, ("sample", "batch"))
-        if kernel_size < 1 or kernel_size % 2 == 0:
+        for name, value in (("channels", channels), ("cmap_dim", cmap_dim), ("kernel_size", kernel_size)):
+            check_positive_int("DiscHead", name, value)
+        if c_dim is not None:
+            check_positive_int("DiscHead", "c_dim", c_dim)
+        if kernel_size % 2 == 0:
             raise ValueError(f"DiscHead: kernel_size must be a positive odd number, got {kernel_size}")
         self.channels = int(channels)
         self.c_dim = c_dim
@@ -264,6 +281,7 @@ class DiscHead(nn.Module):
         fn = "DiscHead"
         check_floating(fn, "x", x)
         check_ndim(fn, "x", x, 3, layout="[B, C, N]")
+        check_finite_inputs(fn, x=x, c=c)
         if x.shape[1] != self.channels:
             raise ValueError(f"{fn}: x must have {self.channels} channels, got shape {tuple(x.shape)}")
         if x.shape[2] < self.kernel_size // 2:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_floating
+from addkit._checks import check_callable, check_finite_inputs, check_floating, check_positive_int
+from addkit._dtype import as_module_dtype
 from addkit.discriminators.clip import CLIPFeatures
 from addkit.discriminators.heads import DiscHead, HeadNorm
 from addkit.discriminators.vit import DINOv2Features
@@ -105,6 +106,11 @@ class ProjectedDiscriminator(nn.Module):
                 f"{fn}: features must be a FeatureNetwork (callable with a `channels` list), "
                 f"got {type(features).__name__}"
             )
+        for name, dim in (("c_text_dim", c_text_dim), ("c_image_dim", c_image_dim)):
+            if dim is not None:
+                check_positive_int(fn, name, dim)
+        if augment is not None:
+            check_callable(fn, "augment", augment, hint=" (e.g. DiffAugment())")
         if isinstance(features, nn.Module) and getattr(features, "frozen", True):
             features.requires_grad_(False).eval()
         self.__dict__["_features"] = features  # not a registered submodule: see module docs
@@ -231,6 +237,7 @@ class ProjectedDiscriminator(nn.Module):
         check_floating(fn, "images", images)
         if images.ndim == 0 or images.shape[0] == 0:
             raise ValueError(f"{fn}: images must hold at least one sample [B, ...], got shape {tuple(images.shape)}")
+        check_finite_inputs(fn, images=images)
         images = self._as_feature_dtype(images)
         if self._features_take_generator:
             feature_kwargs["generator"] = generator
@@ -253,10 +260,7 @@ class ProjectedDiscriminator(nn.Module):
 
     def _as_feature_dtype(self, images: Tensor) -> Tensor:
         """Images in the feature network's dtype (a differentiable cast), unless autocast decides."""
-        if not isinstance(self._features, nn.Module) or torch.is_autocast_enabled(images.device.type):
-            return images
-        param = next((p for p in self._features.parameters() if p.is_floating_point()), None)
-        return images if param is None or param.dtype == images.dtype else images.to(param.dtype)
+        return as_module_dtype(images, self._features) if isinstance(self._features, nn.Module) else images
 
     def classify(
         self,
@@ -289,6 +293,7 @@ class ProjectedDiscriminator(nn.Module):
             raise ValueError(
                 f"{fn}: expected {len(self.heads)} feature tensors (one per head), got {len(features)}"
             )
+        check_finite_inputs(fn, features=list(features), c_text=c_text, c_image=c_image)
         c = self._conditioning(fn, c_text, c_image, features[0].shape[0])
         dtype = next(self.heads.parameters()).dtype
         cast = not torch.is_autocast_enabled(features[0].device.type)

@@ -24,7 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_floating, check_ndim, check_positive
+from addkit._checks import (
+    check_finite_inputs,
+    check_floating,
+    check_ndim,
+    check_callable,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+from addkit._dtype import as_module_dtype
 from addkit._random import randn
 from addkit._time import check_schedule, check_time_values
 from addkit.discriminators.features import (
@@ -63,6 +72,10 @@ def sample_logit_normal(
         >>> 0.68 < float(t.mean()) < 0.72
         True
     """
+    fn = "sample_logit_normal"
+    check_positive_int(fn, "batch_size", batch_size)
+    check_number(fn, "mean", mean)
+    check_positive(fn, "std", std)
     if device is None and generator is not None:
         device = generator.device
     return torch.sigmoid(mean + std * randn((batch_size,), device=device, generator=generator))
@@ -138,11 +151,19 @@ class TeacherFeatures(FrozenFeatures):
         if not self.taps:
             raise ValueError(f"{fn}: taps must name at least one submodule, got {self.taps}")
         resolve_submodules(fn, teacher, self.taps)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"{fn}: channels must be a sequence of ints (one per tap), got {channels!r}")
+        for i, c in enumerate(channels):
+            check_positive_int(fn, f"channels[{i}]", c)
         if len(channels) != len(self.taps):
             raise ValueError(
                 f"{fn}: channels must give one count per tap ({len(self.taps)}), got {list(channels)}"
             )
         check_positive(fn, "logit_std", logit_std)
+        check_number(fn, "logit_mean", logit_mean)
+        for name, f in (("call", call), ("select", select)):
+            if f is not None:
+                check_callable(fn, name, f)
         if t is not None:
             (t,) = check_time_values(fn, schedule, [t], name="t")
         self.teacher = teacher
@@ -175,6 +196,7 @@ class TeacherFeatures(FrozenFeatures):
         Use it to draw $\\hat t$ yourself when the heads are also conditioned on it, then
         pass ``t=`` to the call.
         """
+        check_positive_int("TeacherFeatures.sample_t", "batch_size", batch_size)
         dtype = self.schedule.time_dtype
         if self.t is not None:
             return torch.full((batch_size,), self.t, dtype=dtype, device=device)
@@ -210,6 +232,8 @@ class TeacherFeatures(FrozenFeatures):
         fn = "TeacherFeatures"
         check_floating(fn, "latents", latents)
         check_ndim(fn, "latents", latents, (3, 4, 5), layout="[B, C, ...]")
+        check_finite_inputs(fn, latents=latents, noise=noise, t=t)
+        latents = as_module_dtype(latents, self.teacher)  # fp16 latents into an fp32 teacher: cast
         if t is None:
             t = self.sample_t(latents.shape[0], generator=generator, device=latents.device)
         if noise is None:

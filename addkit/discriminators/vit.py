@@ -27,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from addkit._checks import check_choice
+from addkit._checks import check_choice, check_positive_int
 from addkit.discriminators.features import FrozenFeatures, check_images, preprocess_images, recording
 
 __all__ = ["DINOv2Features", "Readout", "Tap", "default_taps"]
@@ -235,6 +235,8 @@ class DINOv2Features(_ViTFeatures):
                 f"DINOv2Features: model must be a timm VisionTransformer, got {type(model).__name__}"
             )
         native = int(model.patch_embed.img_size[0])
+        if resolution is not None:
+            check_positive_int("DINOv2Features", "resolution", resolution)
         resolution = native if resolution is None else int(resolution)
         if resolution != native and not getattr(model, "dynamic_img_size", False):
             raise ValueError(

@@ -24,13 +24,22 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_choice, check_floating, check_same_shape, checking_values
+from addkit._checks import (
+    check_batch,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_guidance_scale,
+    check_positive_int,
+    check_same_shape,
+    checking_values,
+)
 from addkit._random import rand, randint
 from addkit._reduce import per_sample_mean, reduce_loss
 from addkit._time import check_schedule, check_time_values
@@ -56,7 +65,7 @@ Distance = Literal["l2", "l2_sum"] | Callable[[Tensor, Tensor], Tensor]
 callable ``d(student, target) -> [B]``."""
 
 _WEIGHTINGS = ("exponential", "sds", "nfsd")
-_DISTANCES = ("l2", "l2_sum")
+DISTANCES = ("l2", "l2_sum")
 DEFAULT_T_FRACTION = (0.02, 0.98)
 """Teacher times as fractions of the schedule (DreamFusion's range; ADD does not state one)."""
 
@@ -103,6 +112,8 @@ def distillation_weight(
         tensor([0.2400])
     """
     fn = "distillation_weight"
+    check_floating(fn, "alpha", alpha)
+    check_finite_inputs(fn, alpha=alpha, sigma=check_floating(fn, "sigma", sigma))
     if callable(weighting):
         c = torch.as_tensor(weighting(t, alpha, sigma))
         if c.shape != alpha.shape:
@@ -160,21 +171,28 @@ def sample_distillation_timesteps(
         True
     """
     fn = "sample_distillation_timesteps"
-    if batch < 1:
-        raise ValueError(f"{fn}: batch must be >= 1, got {batch}")
+    check_positive_int(fn, "batch", batch)
     check_schedule(fn, schedule)
     discrete = schedule.is_discrete
     if t_range is None:
         lo, hi = DEFAULT_T_FRACTION
         T = schedule.num_train_timesteps
         t_range = (round(lo * T), round(hi * T)) if discrete else (lo, hi)
-    low, high = schedule.t_range
-    lo, hi = check_time_values(fn, schedule, list(t_range), name="t_range")
-    if not lo <= hi:
-        raise ValueError(f"{fn}: t_range must satisfy {low} <= low <= high <= {high}, got {t_range}")
+    lo, hi = check_t_range(fn, schedule, t_range)
     if discrete:
         return randint(int(lo), int(hi) + 1, (batch,), device=device, generator=generator)
     return lo + (hi - lo) * rand((batch,), device=device, generator=generator)
+
+
+def check_t_range(fn: str, schedule: Schedule, t_range: Any, *, name: str = "t_range") -> tuple[Any, Any]:
+    """``t_range`` as ``(low, high)`` in schedule units, checked on the host (a pair, in range, ordered)."""
+    if isinstance(t_range, str) or not isinstance(t_range, Sequence) or len(t_range) != 2:
+        raise TypeError(f"{fn}: {name} must be a pair (low, high) in schedule units, got {t_range!r}")
+    low, high = schedule.t_range
+    lo, hi = check_time_values(fn, schedule, list(t_range), name=name)
+    if not lo <= hi:
+        raise ValueError(f"{fn}: {name} must satisfy {low} <= low <= high <= {high}, got {tuple(t_range)}")
+    return lo, hi
 
 
 def _distance(fn: str, distance: Distance, a: Tensor, b: Tensor) -> Tensor:
@@ -185,7 +203,7 @@ def _distance(fn: str, distance: Distance, a: Tensor, b: Tensor) -> Tensor:
                 f"{fn}: the distance callable must return shape ({a.shape[0]},), got {tuple(d.shape)}"
             )
         return d
-    check_choice(fn, "distance", distance, _DISTANCES)
+    check_choice(fn, "distance", distance, DISTANCES)
     dtype = torch.promote_types(a.dtype, torch.float32)  # low precision inputs: square in fp32
     sq = (a.to(dtype) - b.to(dtype)).square()
     return per_sample_mean(sq) if distance == "l2" else sq.flatten(1).sum(1)
@@ -308,6 +326,8 @@ def distillation_loss(
     check_batch(fn, "student_x0", student_x0)
     check_floating(fn, "noise", noise)
     check_same_shape(fn, "student_x0", student_x0, "noise", noise)
+    check_guidance_scale(fn, "guidance_scale", guidance_scale)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise)
     check_choice(fn, "space", space, ("latent", "pixel"))
     if space == "pixel" and decode is None:
         raise ValueError(f"{fn}: space='pixel' needs decode=<latents -> images>, got None")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from addkit._checks import check_number, check_positive_int
 from addkit.losses._heads import as_heads
 from addkit.typing import HeadLogits
 
@@ -102,16 +103,20 @@ class ChanceWatch:
     """
 
     def __init__(self, patience: int = 200, threshold: float = 0.6) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"ChanceWatch: patience must be a positive int, got {patience!r}")
-        if not 0.5 <= threshold <= 1.0:
-            raise ValueError(f"ChanceWatch: threshold must be in [0.5, 1], got {threshold!r}")
+        check_positive_int("ChanceWatch", "patience", patience)
+        check_number("ChanceWatch", "threshold", threshold, low=0.5, high=1.0)
         self.patience, self.threshold = patience, float(threshold)
         self._since: int | None = None
         self.warned = False
 
     def update(self, step: int, rank: float) -> str | None:
-        """Record ``rank`` at ``step``; the warning the first time chance has lasted ``patience`` steps."""
+        """Record ``rank`` at ``step``; the warning the first time chance has lasted ``patience`` steps.
+
+        Raises:
+            TypeError, ValueError: for a ``rank`` that is not a number in ``[0, 1]`` (NaN included).
+        """
+        value = float(rank) if isinstance(rank, Tensor) else rank
+        rank = check_number("ChanceWatch.update", "rank", value, low=0, high=1)
         if rank >= self.threshold:
             self._since = None
             return None

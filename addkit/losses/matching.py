@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from addkit._checks import check_batch, check_floating, check_same_shape
+from addkit._checks import (
+    check_batch,
+    check_broadcasts_to,
+    check_finite_inputs,
+    check_floating,
+    check_number,
+    check_same_shape,
+)
 from addkit._random import randn
 from addkit._reduce import per_sample_mean, reduce_loss
 from addkit._time import check_schedule
@@ -34,7 +41,20 @@ from addkit.losses.distillation import sample_distillation_timesteps
 from addkit.parameterization import normalize_prediction
 from addkit.typing import Reduction, Schedule, Teacher
 
-__all__ = ["distribution_matching_loss", "fake_score_loss", "prediction_target", "regression_loss"]
+__all__ = [
+    "NORMALISER_FLOOR",
+    "distribution_matching_loss",
+    "fake_score_loss",
+    "prediction_target",
+    "regression_loss",
+]
+
+NORMALISER_FLOOR = 1e-6
+r"""The floor $\varepsilon$ on the matching normaliser $\operatorname{mean}|\hat x - \hat x_0^\text{real}|$.
+
+Far below that mean for any sample the teacher does not reproduce exactly (data-scale inputs
+give values of order 0.1-1); at the floor the gradient is large but finite, and a gradient
+clip bounds the step."""
 
 
 def _noised(
@@ -44,10 +64,19 @@ def _noised(
     t: Tensor | None,
     noise: Tensor | None,
     generator: torch.Generator | None,
+    *,
+    whole_schedule: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, t, noise)`` for a detached ``x``: drawn where not given (DMD2's range by default)."""
+    """``(x_t, t, noise)`` for a detached ``x``: drawn where not given (DMD2's ranges by default).
+
+    ``t`` is drawn over ``[0.02, 0.98]`` of the schedule (matching), or over all of it with
+    ``whole_schedule`` (the fake score's denoising loss).
+    """
     if t is None:
-        t = sample_distillation_timesteps(x.shape[0], schedule, generator=generator, device=x.device)
+        t_range = schedule.t_range if whole_schedule else None
+        t = sample_distillation_timesteps(
+            x.shape[0], schedule, t_range=t_range, generator=generator, device=x.device
+        )
     if noise is None:
         noise = randn(tuple(x.shape), device=x.device, dtype=x.dtype, generator=generator)
     check_same_shape(fn, "x", x, "noise", noise)
@@ -71,14 +100,18 @@ def distribution_matching_loss(
 ) -> Tensor:
     r"""DMD's distribution matching loss: a surrogate whose gradient is the normalised score difference.
 
-    $$ \ell_b = \tfrac12\,\big\|\hat x_b - \mathrm{sg}(\hat x_b - g_b)\big\|_2^2, \qquad
-       g_b = \frac{\hat x_{0,b}^\text{fake} - \hat x_{0,b}^\text{real}}
-       {\operatorname{mean}_{i}\,|\hat x_b - \hat x_{0,b}^\text{real}|_i}, $$
+    $$ \ell_b = \tfrac12\,\operatorname{mean}_i\big(\hat x_b - \mathrm{sg}(\hat x_b - g_b)\big)_i^2,
+       \qquad g_b = \frac{\hat x_{0,b}^\text{fake} - \hat x_{0,b}^\text{real}}
+       {\max\big(\operatorname{mean}_{i}\,|\hat x_b - \hat x_{0,b}^\text{real}|_i,\ \varepsilon\big)}, $$
 
-    so $\nabla_{\hat x_b}\ell_b = g_b$ exactly (the normaliser, computed per sample over all
-    of its elements, is detached; both scores run without gradient). With ``reduction="sum"``
-    the gradient w.r.t. the batch is $g$; ``"mean"`` divides it by $B$. DMD2's code averages
-    over every element instead, i.e. a constant factor $1/(CHW)$ that the learning rate absorbs.
+    so $\nabla_{\hat x_b}\ell_b = g_b / N$ for $N$ elements per sample (the normaliser,
+    computed per sample over all of its elements, is detached; both scores run without
+    gradient). Like every addkit loss it is a mean over each sample's elements, reduced over
+    the batch by ``reduction``: with ``"mean"`` the gradient w.r.t. the batch is $g / (BN)$
+    and the value $\tfrac12\operatorname{mean}(g^2)$ over every element, exactly DMD2's
+    ``loss_dm``, so DMD2's weights of the other terms (its GAN weight) mean what they mean
+    there. The floor $\varepsilon$ = ``NORMALISER_FLOOR`` keeps a sample with
+    $\hat x = \hat x_0^\text{real}$ finite (DMD2 clears the NaN/inf afterwards instead).
 
     Args:
         student_x0: the generator's sample $\hat x$ ``[B, ...]`` (with grad).
@@ -98,7 +131,8 @@ def distribution_matching_loss(
 
     Returns:
         The surrogate loss: a scalar, or ``[B]`` for ``reduction="none"``. Its value is
-        $\frac12\|g\|^2$ per sample, a diagnostic only; its gradient is what matters.
+        $\frac12\operatorname{mean}_i g_i^2$ per sample (DMD2's ``loss_dm``), a diagnostic
+        only; its gradient is what matters.
 
     Raises:
         ValueError: for an empty batch or mismatched shapes; TypeError for non-floating inputs.
@@ -117,6 +151,8 @@ def distribution_matching_loss(
     fn = "distribution_matching_loss"
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise, t=t)
+    check_number(fn, "guidance_scale", guidance_scale)
     check_schedule(fn, schedule)
     cond = dict(cond or {})
     with torch.no_grad():
@@ -127,9 +163,9 @@ def distribution_matching_loss(
         x, real, fake = student_x0.detach().to(dtype), real.to(dtype), fake.to(dtype)
         dims = tuple(range(1, x.ndim))
         normaliser = (x - real).abs().mean(dim=dims, keepdim=True) if dims else (x - real).abs()
-        target = x - (fake - real) / normaliser
+        target = x - (fake - real) / normaliser.clamp_min(NORMALISER_FLOOR)
     check_same_shape(fn, "student_x0", student_x0, "the scores' x0", real)
-    per_sample = 0.5 * (student_x0.to(target.dtype) - target).square().flatten(1).sum(1)
+    per_sample = 0.5 * per_sample_mean((student_x0.to(target.dtype) - target).square())
     return reduce_loss(per_sample, reduction, fn=fn)
 
 
@@ -151,7 +187,12 @@ def prediction_target(prediction: str, x0: Tensor, noise: Tensor, alpha: Tensor,
         >>> prediction_target("v", x0, eps, torch.tensor([[0.6]]), torch.tensor([[0.8]]))
         tensor([[-0.8000, -0.8000]])
     """
-    name = normalize_prediction(prediction, fn="prediction_target")
+    fn = "prediction_target"
+    name = normalize_prediction(prediction, fn=fn)
+    check_same_shape(fn, "x0", check_floating(fn, "x0", x0), "noise", check_floating(fn, "noise", noise))
+    check_broadcasts_to(fn, "alpha", alpha, x0, like_name="x0")
+    check_broadcasts_to(fn, "sigma", sigma, x0, like_name="x0")
+    check_finite_inputs(fn, x0=x0, noise=noise, alpha=alpha, sigma=sigma)
     if name == "eps":
         return noise
     if name == "x0":
@@ -189,7 +230,8 @@ def fake_score_loss(
             called as ``predict(x_t, t, target=prediction, **cond)`` with gradients on).
         schedule: its schedule.
         prediction: the space of the loss, the fake score's own prediction type.
-        t: timesteps ``[B]``; default uniform over ``[0.02, 0.98]`` of the schedule.
+        t: timesteps ``[B]``; default uniform over the whole schedule (DMD2: 0-999, where
+            the matching loss uses 20-980).
         noise: $\epsilon$; drawn when ``None``.
         generator: randomness for ``t`` and ``noise``.
         cond: the fake score's conditioning.
@@ -210,9 +252,10 @@ def fake_score_loss(
     fn = "fake_score_loss"
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
+    check_finite_inputs(fn, student_x0=student_x0, noise=noise, t=t)
     check_schedule(fn, schedule)
     x = student_x0.detach()
-    x_t, t, noise = _noised(fn, x, schedule, t, noise, generator)
+    x_t, t, noise = _noised(fn, x, schedule, t, noise, generator, whole_schedule=True)
     alpha, sigma = schedule.coefficients(t, x, fn=fn)
     target = prediction_target(prediction, x, noise, alpha, sigma)
     pred = fake_score.predict(x_t, t, target=normalize_prediction(prediction, fn=fn), **dict(cond or {}))
@@ -249,6 +292,7 @@ def regression_loss(
     check_floating(fn, "student_x0", student_x0)
     check_batch(fn, "student_x0", student_x0)
     check_same_shape(fn, "student_x0", student_x0, "teacher_x0", teacher_x0)
+    check_finite_inputs(fn, student_x0=student_x0, teacher_x0=teacher_x0)
     target = teacher_x0.detach()
     if distance is None:
         per_sample = per_sample_mean((student_x0.float() - target.float()).square())

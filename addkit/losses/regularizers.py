@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from addkit._checks import check_choice, check_floating, check_positive
+from addkit._checks import check_callable, check_choice, check_finite_inputs, check_floating, check_positive
 from addkit._random import randn
 from addkit._reduce import reduce_loss
 from addkit._unwrap import unwrap_module
@@ -62,6 +62,7 @@ def _as_inputs(fn: str, real_inputs: Tensor | Sequence[Tensor], batch: int) -> l
         )
     for label, x in labelled:
         check_floating(fn, label, x)
+        check_finite_inputs(fn, **{label: x})
         if not x.requires_grad:
             raise ValueError(
                 f"{fn}: {label} does not require grad: call .requires_grad_(True) on it before "
@@ -210,6 +211,8 @@ def r1_penalty_images(
         Mescheder et al., arXiv 1801.04406, §4.1.
     """
     check_floating("r1_penalty_images", "real_images", real_images)
+    check_callable("r1_penalty_images", "discriminator", discriminator)
+    check_finite_inputs("r1_penalty_images", real_images=real_images)
     return _logits_and_r1_on_images(lambda x: discriminator(x, **cond), real_images, reduction)[1]
 
 
@@ -283,7 +286,9 @@ def approximate_r1(
     """
     fn = "approximate_r1"
     check_floating(fn, "real", real)
+    check_finite_inputs(fn, real=real)
     check_positive(fn, "sigma", sigma)
+    check_callable(fn, "discriminator", discriminator)
     if real_logits is None:
         real_logits = discriminator(real, **cond)
     noise = randn(tuple(real.shape), device=real.device, dtype=real.dtype, generator=generator)
@@ -575,7 +580,8 @@ def r1_regularizer(placement: R1Placement | R1Regularizer, *, sigma: float = 0.0
     if isinstance(placement, str):
         check_choice(fn, "placement", placement, tuple(_PLACEMENTS))
         return ApproximateR1(sigma) if placement == "approximate" else _PLACEMENTS[placement]()
-    if not callable(placement) or not hasattr(placement, "default_gamma"):
+    check_callable(fn, "placement", placement, hint=" (an R1Regularizer instance)")
+    if not hasattr(placement, "default_gamma"):
         raise TypeError(
             f"{fn}: placement must be one of {tuple(_PLACEMENTS)} or an R1Regularizer "
             f"(callable with a default_gamma), got {type(placement).__name__}"

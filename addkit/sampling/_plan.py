@@ -49,7 +49,7 @@ def check_timesteps(fn: str, schedule: Any, timesteps: Any) -> tuple[int | float
     """
     if timesteps is None:
         timesteps = schedule.timesteps(4, "trailing")
-    values = check_time_values(fn, schedule, timesteps)
+    values = check_time_values(fn, schedule, timesteps, sequence=True)
     if not values:
         raise ValueError(f"{fn}: timesteps must hold at least one timestep, got ()")
     if any(a <= b for a, b in itertools.pairwise(values)):

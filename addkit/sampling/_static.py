@@ -1,8 +1,10 @@
 """Static inputs of a captured loop: conditioning flattened into buffers, the graph that reads them.
 
 A captured graph reads its inputs from fixed addresses. Conditioning (``encoder_hidden_states``,
-SDXL's ``added_cond_kwargs`` dict, ...) is therefore flattened to ``(path, leaf)`` pairs:
-tensor leaves get a static buffer each; other leaves (numbers, strings, ``None``) are baked
+SDXL's ``added_cond_kwargs`` dict, ControlNet's tuple of residuals, ...) is therefore flattened
+through dicts, lists and tuples to ``(path, leaf)`` pairs: tensor leaves get a static buffer
+each, keyed by shape, dtype and device (never by identity), and each call copies its values
+into them; other leaves (numbers, strings, ``None``) are baked
 into the graph and so become part of its cache key, as does the autocast state: a graph
 captured under autocast casts the weights inside itself (autocast's weight cache is off during
 warm-up and capture, so the graph reads the live parameters, not cached copies that die with
@@ -12,7 +14,7 @@ the caller's autocast block).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,43 +25,44 @@ from addkit.sampling._plan import Plan
 from addkit.sampling.sampler import Noises, _fill_noise
 
 __all__ = [
+    "CaptureFailed",
     "CapturedLoop",
     "Leaves",
     "autocast_dtype",
+    "capturable",
+    "capture",
     "cond_key",
     "flatten",
     "graph_key",
+    "rebuild",
     "static_copy",
     "uncached_autocast",
-    "unflatten",
     "warm_up",
 ]
 
-Path = tuple[str, ...]
+Path = tuple[str | int, ...]  # mapping keys as strings, sequence positions as integers
 Leaves = list[tuple[Path, Any]]
 
 
-def flatten(cond: Mapping[str, Any], prefix: Path = ()) -> Leaves:
-    """``(path, leaf)`` pairs of a nested mapping, in insertion order."""
-    leaves: Leaves = []
-    for name, value in cond.items():
-        path = (*prefix, str(name))
-        if isinstance(value, Mapping):
-            leaves += flatten(value, path)
-        else:
-            leaves.append((path, value))
-    return leaves
+def flatten(cond: Any, prefix: Path = ()) -> Leaves:
+    """``(path, leaf)`` pairs of nested mappings, lists and tuples, in order."""
+    if isinstance(cond, Mapping):
+        items: Any = ((str(name), value) for name, value in cond.items())
+    elif isinstance(cond, (list, tuple)):
+        items = enumerate(cond)
+    else:
+        return [(prefix, cond)]
+    return [leaf for key, value in items for leaf in flatten(value, (*prefix, key))]
 
 
-def unflatten(leaves: Leaves) -> dict[str, Any]:
-    """The nested dict that [`flatten`][addkit.sampling._static.flatten] came from."""
-    out: dict[str, Any] = {}
-    for path, value in leaves:
-        node = out
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return out
+def rebuild(template: Any, values: Iterator[Any]) -> Any:
+    """``template``'s nesting of mappings, lists and tuples with its leaves taken from ``values`` in order."""
+    if isinstance(template, Mapping):
+        return {name: rebuild(value, values) for name, value in template.items()}
+    if isinstance(template, (list, tuple)):
+        items = [rebuild(value, values) for value in template]
+        return template._make(items) if hasattr(template, "_make") else type(template)(items)
+    return next(values)
 
 
 def cond_key(fn: str, leaves: Leaves) -> tuple[Hashable, ...]:
@@ -70,10 +73,10 @@ def cond_key(fn: str, leaves: Leaves) -> tuple[Hashable, ...]:
             key.append((path, tuple(value.shape), value.dtype, value.device))
             continue
         if not isinstance(value, Hashable):
-            name = ".".join(path)
+            name = ".".join(map(str, path))
             raise TypeError(
-                f"{fn}: conditioning {name!r} must be a tensor, a dict of tensors or a hashable constant "
-                f"(it is baked into the captured graph), got {type(value).__name__}"
+                f"{fn}: conditioning {name!r} must be a tensor (alone or in dicts, lists and tuples) "
+                f"or a hashable constant (it is baked into the captured graph), got {type(value).__name__}"
             )
         key.append((path, type(value), value))
     return tuple(key)
@@ -114,7 +117,7 @@ def static_copy(leaves: Leaves) -> Leaves:
 class CapturedLoop:
     """One captured loop and the static tensors it reads and writes."""
 
-    graph: torch.cuda.CUDAGraph
+    graph: Any  # a torch.cuda.CUDAGraph (anything with replay() and reset() in tests)
     noise: Tensor
     noises: Tensor
     cond: Leaves
@@ -148,3 +151,31 @@ def warm_up(body: Callable[[], Tensor], iters: int, device: torch.device) -> Non
         for _ in range(iters):
             body()
     torch.cuda.current_stream(device).wait_stream(side)
+
+
+class CaptureFailed(RuntimeError):
+    """Recording the loop in a CUDA graph failed (the warm-up ran): the cause is ``__cause__``."""
+
+
+def capturable(device: torch.device) -> bool:
+    """Whether a loop on ``device`` can be captured in a CUDA graph."""
+    return device.type == "cuda"
+
+
+def capture(body: Callable[[], Tensor], warmup: int, device: torch.device) -> tuple[Any, Tensor]:
+    """Warm ``body`` up on a side stream, then record it: the graph and its static output.
+
+    Raises:
+        CaptureFailed: when recording fails (a host synchronisation in ``body``, ...); errors
+            of the warm-up (the body's own) propagate unchanged.
+    """
+    with torch.cuda.device(device):
+        warm_up(body, warmup, device)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.graph(graph):
+                out = body()
+        except Exception as err:  # any capture failure: the caller falls back to the eager loop
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+            raise CaptureFailed(f"{type(err).__name__}: {err}") from err
+    return graph, out

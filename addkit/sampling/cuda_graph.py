@@ -9,7 +9,9 @@ of [`FewStepSampler`][addkit.sampling.sampler.FewStepSampler].
 Constraints of a captured loop (checked where possible):
 
 - static shapes: each (shape, dtype, device, conditioning shapes) gets its own graph, kept in a
-  bounded least-recently-used cache;
+  bounded least-recently-used cache; conditioning tensors, also inside dicts, lists and tuples
+  (ControlNet's residuals), are copied into the graph's buffers on every call, so new values of
+  the same shapes replay the same graph;
 - no host synchronisation inside the denoiser (``.item()``, ``.cpu()``, printing a tensor,
   data-dependent shapes): capture fails and the sampler runs eagerly, with one warning;
 - parameters are read by address: updating weights in place (an optimizer step,
@@ -36,17 +38,18 @@ import torch
 from torch import Tensor
 
 from addkit._checks import check_choice, check_positive_int
+from addkit.sampling import _static
 from addkit.sampling._plan import Plan, make_plan
 from addkit.sampling._static import (
     CapturedLoop,
+    CaptureFailed,
     Leaves,
     autocast_dtype,
     flatten,
     graph_key,
+    rebuild,
     static_copy,
     uncached_autocast,
-    unflatten,
-    warm_up,
 )
 from addkit.sampling.renoise import Renoise, renoise_coefficients
 from addkit.sampling.sampler import (
@@ -76,13 +79,15 @@ class EagerFallbackWarning(RuntimeWarning):
 class CUDAGraphSampler:
     """[`FewStepSampler`][addkit.sampling.sampler.FewStepSampler] whose loop is captured in a CUDA graph and replayed.
 
-    Per call: the noise, the re-noising noise (drawn in place with ``generator``, or copied
-    from ``noises``) and the conditioning tensors are copied into the graph's static buffers,
+    Per call: the noise, the re-noising noise (drawn with ``generator`` on its device, or
+    copied from ``noises``) and the conditioning tensors (also inside dicts, lists and tuples)
+    are copied into the graph's static buffers,
     the graph is replayed, and a copy of its output is returned. Timesteps and coefficients
     live on the device, so the replay never synchronises with the host. One graph is kept per
     (shape, dtype, device, conditioning signature), at most ``max_graphs`` of them; the least
     recently used is released when a new one is needed. Each graph holds its own memory pool
-    (the loop's activations), so ``max_graphs`` bounds the memory.
+    (the loop's activations), so ``max_graphs`` bounds the memory; ``memory_pools`` names the
+    pools, which ``torch.cuda.memory_allocated`` does not count between replays.
 
     On a CPU (or any non-CUDA device), or when capture fails, the loop runs eagerly with the
     same results and one [`EagerFallbackWarning`][addkit.sampling.cuda_graph.EagerFallbackWarning].
@@ -160,6 +165,16 @@ class CUDAGraphSampler:
         """How many captured graphs the cache holds now."""
         return len(self._graphs)
 
+    @property
+    def memory_pools(self) -> list[Any]:
+        """The private memory pools of the cached graphs (``torch.cuda.CUDAGraph.pool()`` handles).
+
+        A graph's intermediate tensors live in its pool, reserved between replays but not
+        counted by ``torch.cuda.memory_allocated``; their size is the sum of ``total_size`` over
+        ``torch.cuda.memory_snapshot(mempool_id=pool)``. Empty until a graph is captured.
+        """
+        return [entry.graph.pool() for entry in self._graphs.values()]
+
     def reset(self) -> None:
         """Release every captured graph (and the compiled loop); the next call captures anew.
 
@@ -190,7 +205,8 @@ class CUDAGraphSampler:
         Raises:
             ValueError: if ``callback`` is given (a replay runs no Python between steps), or
                 for ``noises`` of the wrong shape.
-            TypeError: for conditioning that is neither a tensor nor a hashable constant.
+            TypeError: for conditioning that is neither a tensor (alone or in dicts, lists and
+                tuples) nor a hashable constant.
         """
         fn = "CUDAGraphSampler"
         if callback is not None:
@@ -212,14 +228,14 @@ class CUDAGraphSampler:
     ) -> Tensor:
         if self.compile is not None:
             return self._run_compiled(noise, noises, generator, cond)
-        if noise.device.type != "cuda":
+        if not _static.capturable(noise.device):
             self._warn(
                 f"noise is on {noise.device}, not a CUDA device; running the loop eagerly", stacklevel=4
             )
             return self._run_eager(noise, noises, generator, cond)
         entry = self._graphs.get(key)
         if entry is None and key not in self._failed:
-            entry = self._capture(key, noise, leaves)
+            entry = self._capture(key, noise, cond, leaves)
         if entry is None:
             return self._run_eager(noise, noises, generator, cond)
         self._graphs.move_to_end(key)
@@ -255,33 +271,29 @@ class CUDAGraphSampler:
         out = self._compiled(noise, self._noises(noise, noises, generator), self._plan(noise), cond)
         return out.clone()  # inductor's CUDA-graph outputs are overwritten by the next call
 
-    def _capture(self, key: Hashable, noise: Tensor, leaves: Leaves) -> CapturedLoop | None:
+    def _capture(self, key: Hashable, noise: Tensor, cond: dict, leaves: Leaves) -> CapturedLoop | None:
         device, plan = noise.device, self._plan(noise)
         static_noise = noise.detach().clone()
         static_noises = torch.zeros((len(self.timesteps) - 1, *noise.shape), dtype=noise.dtype, device=device)
         static_leaves = static_copy(leaves)
-        static_cond = unflatten(static_leaves)
+        static_cond = rebuild(cond, (value for _, value in static_leaves))
 
         def body() -> Tensor:
             return self._body(static_noise, static_noises, plan, static_cond)
 
         # Under the caller's autocast dtype but without its weight cache: the graph casts the weights itself.
-        with torch.cuda.device(device), uncached_autocast(device.type, autocast_dtype(device.type)):
-            warm_up(body, self.warmup, device)  # errors here are the denoiser's own: they propagate
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
-            try:
-                with torch.cuda.graph(graph):
-                    out = body()
-            except Exception as err:  # noqa: BLE001 - any capture failure falls back, loudly
-                torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
-                self._failed.add(key)
-                self._warn(  # called from _capture <- _run <- __call__
-                    f"CUDA-graph capture failed for noise {tuple(noise.shape)} {noise.dtype} "
-                    f"({type(err).__name__}: {err}); running the loop eagerly. The denoiser must not "
-                    f"synchronise with the host (.item(), .cpu(), data-dependent shapes)",
-                    stacklevel=5,
-                )
-                return None
+        try:  # errors of the warm-up are the denoiser's own: they propagate
+            with uncached_autocast(device.type, autocast_dtype(device.type)):
+                graph, out = _static.capture(body, self.warmup, device)
+        except CaptureFailed as err:
+            self._failed.add(key)
+            self._warn(  # called from _capture <- _run <- __call__
+                f"CUDA-graph capture failed for noise {tuple(noise.shape)} {noise.dtype} ({err}); "
+                f"running the loop eagerly. The denoiser must not synchronise with the host "
+                f"(.item(), .cpu(), data-dependent shapes)",
+                stacklevel=5,
+            )
+            return None
         while len(self._graphs) >= self.max_graphs:  # least recently used first
             self._graphs.popitem(last=False)[1].graph.reset()
         entry = CapturedLoop(graph, static_noise, static_noises, static_leaves, out, plan)

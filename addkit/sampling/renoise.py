@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from addkit._checks import check_choice
+from addkit._checks import check_choice, check_finite_inputs, check_floating, check_same_shape
 from addkit._time import host_time_tensor
 from addkit.sampling._plan import check_schedule, check_timesteps
 
@@ -140,6 +140,18 @@ def renoise_step(x_t: Tensor, x0: Tensor, z: Tensor, k: Tensor) -> Tensor:
         >>> renoise_step(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), k)
         tensor([[1.4000, 1.4000]])
     """
+    fn = "renoise_step"
+    for name, x in (("x_t", x_t), ("x0", x0), ("z", z)):
+        check_floating(fn, name, x)
+        check_same_shape(fn, "x_t", x_t, name, x)
+    if check_floating(fn, "k", k).shape != (3,):
+        raise ValueError(f"{fn}: k must have shape (3,) (renoise_coefficients row), got {tuple(k.shape)}")
+    check_finite_inputs(fn, x_t=x_t, x0=x0, z=z, k=k)
+    return apply_renoise(x_t, x0, z, k)
+
+
+def apply_renoise(x_t: Tensor, x0: Tensor, z: Tensor, k: Tensor) -> Tensor:
+    """`renoise_step` without checks: the sampling loop's (capturable) form."""
     dtype = k.dtype
     out = k[0] * x0.to(dtype) + k[1] * x_t.to(dtype) + k[2] * z.to(dtype)
     return out.to(x_t.dtype)

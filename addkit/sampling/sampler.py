@@ -31,9 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from addkit._checks import check_batch, check_choice, check_floating, check_same_shape
+from addkit._checks import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite_inputs,
+    check_floating,
+    check_same_shape,
+)
+from addkit._random import randn
 from addkit.sampling._plan import Plan, check_denoiser, check_schedule, check_timesteps, make_plan
-from addkit.sampling.renoise import RENOISE, Renoise, renoise_coefficients, renoise_step
+from addkit.sampling.renoise import RENOISE, Renoise, apply_renoise, renoise_coefficients
 from addkit.typing import Schedule
 
 __all__ = ["DEFAULT_TIMESTEPS", "FewStepSampler", "sample"]
@@ -51,7 +59,9 @@ Noises = Tensor | Sequence[Tensor]
 def _check_noise(fn: str, noise: Any) -> Tensor:
     """Raise unless ``noise`` is a floating tensor with a batch dimension."""
     check_floating(fn, "noise", noise)
-    return check_batch(fn, "noise", noise)
+    check_batch(fn, "noise", noise)
+    check_finite_inputs(fn, noise=noise)
+    return noise
 
 
 def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> Noises | None:
@@ -78,18 +88,26 @@ def _check_noises(fn: str, noises: Noises | None, noise: Tensor, count: int) -> 
     for i, z in enumerate(items):
         check_floating(fn, f"noises[{i}]", z)
         check_same_shape(fn, "noise", noise, f"noises[{i}]", z)
+    check_finite_inputs(fn, noises=list(items))
     return noises
 
 
 def _fill_noise(buffer: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Fill ``buffer`` with standard normal noise in place (the one way addkit draws it)."""
-    return buffer.normal_(generator=generator)
+    """Fill ``buffer`` in place with standard normal noise drawn on the generator's device."""
+    draw = randn(tuple(buffer.shape), device=buffer.device, dtype=buffer.dtype, generator=generator)
+    return buffer.copy_(draw)
 
 
 def _draw_noises(count: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``count`` standard normal tensors shaped like ``like``, stacked: ``[count, *like.shape]``."""
-    buffer = torch.empty((count, *like.shape), dtype=like.dtype, device=like.device)
-    return _fill_noise(buffer, generator) if count else buffer
+    """``count`` standard normal tensors shaped like ``like``, stacked: ``[count, *like.shape]``.
+
+    Drawn on the generator's device and moved to ``like``'s (a CPU generator with CUDA samples
+    works, and gives the same numbers as on a CPU).
+    """
+    shape = (count, *like.shape)
+    if not count:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return randn(shape, device=like.device, dtype=like.dtype, generator=generator)
 
 
 def _run_loop(
@@ -108,7 +126,7 @@ def _run_loop(
         if callback is not None:
             callback(i, plan.timesteps[i], x_t, x0)
         if i + 1 < steps:
-            x_t = renoise_step(x_t, x0, noises[i], plan.k[i])
+            x_t = apply_renoise(x_t, x0, noises[i], plan.k[i])
     return x0
 
 
@@ -148,12 +166,14 @@ def sample(
             re-noising arithmetic runs in at least float32).
         schedule: the student's schedule (any [`Schedule`][addkit.typing.Schedule]).
         timesteps: student timesteps, strictly decreasing (integers for a VP schedule,
-            ``(0, 1]`` for a flow schedule). ``None``: ``schedule.timesteps(4, "trailing")``,
+            ``(0, 1]`` for a flow schedule); a sequence, not a count (``timesteps=4`` is refused:
+            pass ``schedule.timesteps(4)``). ``None``: ``schedule.timesteps(4, "trailing")``,
             ADD's ``(999, 749, 499, 249)`` for VP, ``(1.0, 0.75, 0.5, 0.25)`` for flow; pass
             ``schedule.timesteps(n)`` for ``n`` steps.
         renoise: ``"fresh"`` (ADD) or ``"ancestral"`` (diffusers' Euler ancestral).
         generator: draws the re-noising noise (all steps in one draw of shape
-            ``[n - 1, *noise.shape]``); ignored when ``noises`` is given.
+            ``[n - 1, *noise.shape]``, made on the generator's device and moved to
+            ``noise``'s); ignored when ``noises`` is given.
         noises: explicit re-noising noise, a ``[n - 1, *noise.shape]`` tensor or ``n - 1``
             tensors shaped like ``noise`` (for reproducibility and parity tests).
         callback: called as ``callback(i, t_i, x_t, x0)`` after each denoiser call.
@@ -163,7 +183,8 @@ def sample(
         The last $\\hat x_0$, shape and dtype of ``noise``.
 
     Raises:
-        TypeError: if ``denoiser`` has no ``x0`` or inputs have the wrong type.
+        TypeError: if ``denoiser`` has no ``x0``, inputs have the wrong type, or ``timesteps``
+            is a lone number.
         ValueError: for bad timesteps, an unknown ``renoise``, or ``noises`` of the wrong shape.
     """
     fn = "sample"
@@ -171,6 +192,8 @@ def sample(
     check_schedule(fn, schedule)
     _check_noise(fn, noise)
     check_choice(fn, "renoise", renoise, RENOISE)
+    if callback is not None:
+        check_callable(fn, "callback", callback)
     values = check_timesteps(fn, schedule, timesteps)
     noises = _check_noises(fn, noises, noise, len(values) - 1)
     if noises is None:

@@ -28,6 +28,8 @@ def optional_import(module: str, fn: str) -> Any:
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block on the CPU generator seeded with ``seed``; restore the global state after."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"addkit.testing: seed must be an int, got {type(seed).__name__} {seed!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

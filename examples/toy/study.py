@@ -215,7 +215,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: ``python examples/add_toy.py [--quick] [--out DIR] [--threads N]``."""
+    """Command line: ``python examples/add_toy.py [--quick] [--out DIR] [--threads N] [--distill-steps N]``.
+
+    ``--distill-steps`` shortens every student run (the DMD2 rows in docs/results.md used 100).
+    """
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -234,10 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only the rectified-flow teacher and its ADD / LADD rows (results_flow.json, table_flow.md)",
     )
+    parser.add_argument(
+        "--distill-steps", type=int, default=None, help="student training steps (default: the study's 300)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
+    if args.distill_steps is not None:
+        cfg = replace(cfg, distill_steps=args.distill_steps)
     if args.dmd:
         from .dmd import run_dmd_study
 

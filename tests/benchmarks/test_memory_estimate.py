@@ -21,6 +21,7 @@ import bench_memory
 from _recipe_step import StepConfig, build_state, parts_of, setup_for
 from _cuda_autocast import cuda_policy
 from _estimate import estimate_step_memory, measure_step_memory, warm_optimizers
+from _gpu_stages import committed_estimate
 from _materialize import Materializer, parameter_count
 
 CPU = torch.device("cpu")
@@ -123,11 +124,12 @@ def test_estimate_matches_the_cpu_allocators_own_count() -> None:
 
 
 @pytest.mark.cuda
-def test_estimate_within_10_percent_of_cuda_allocator() -> None:  # (see gpu_check.py for the committed row)
-    cfg = StepConfig("sdxl", 512, 1, "lora", checkpointing=True)  # VAE decode, DINOv2: CUDA's autocast policy
-    est = estimate_step_memory(setup_for(cfg))
+def test_estimate_within_10_percent_of_cuda_allocator() -> None:
+    cfg = StepConfig("sdxl", 512, 4, "lora", checkpointing=True)  # VAE decode, DINOv2: CUDA's autocast policy
+    est = committed_estimate(cfg.name)  # the committed CPU estimate (a minute of CPU: not redone here)
+    assert est is not None, f"memory.json lacks {cfg.name}: run benchmarks/bench_memory.py --only {cfg.name}"
     real = measure_step_memory(setup_for(cfg), torch.device("cuda"))
-    assert real["peak"]["total"] == pytest.approx(est["peak"]["total"], rel=0.10)
+    assert real["peak"]["total"] == pytest.approx(est["bytes"], rel=0.10)
 
 
 def _header_lists() -> dict[str, tuple[str, ...]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from addkit import VPSchedule, wrap
 from addkit.losses import distribution_matching_loss, fake_score_loss, prediction_target, regression_loss
+from addkit.losses.matching import NORMALISER_FLOOR
 from addkit.parameterization import PREDICTIONS, convert
 from addkit.schedules import FlowSchedule
 
@@ -34,11 +35,11 @@ def test_gradient_is_the_normalised_score_difference() -> None:
     x_t = a * x.detach() + s * noise
     x0_real, x0_fake = real.x0(x_t, t), fake.x0(x_t, t)
     want = (x0_fake - x0_real) / (x.detach() - x0_real).abs().mean(1, keepdim=True)
-    torch.testing.assert_close(x.grad, want)
-    torch.testing.assert_close(loss, 0.5 * want.square().sum())
+    torch.testing.assert_close(x.grad, want / 5)  # a mean over each sample's 5 elements
+    torch.testing.assert_close(loss, 0.5 * want.square().mean(1).sum())
     x.grad = None
     distribution_matching_loss(x, real, fake, schedule=VP, t=t, noise=noise).backward()
-    torch.testing.assert_close(x.grad, want / 3)  # "mean" over the batch
+    torch.testing.assert_close(x.grad, want / 15)  # "mean" over the batch too
 
 
 def test_zero_when_the_scores_agree_and_guidance_uses_uncond() -> None:
@@ -69,7 +70,46 @@ def test_zero_when_the_scores_agree_and_guidance_uses_uncond() -> None:
     x_t = a * x.detach() + s * noise
     x0_real = x_t * (1 + 3.0 * (2 - 1))
     want = (0 - x0_real) / (x.detach() - x0_real).abs().flatten(1).mean(1).reshape(-1, 1, 1)
-    torch.testing.assert_close(x.grad, want)
+    torch.testing.assert_close(x.grad, want / 6)
+
+
+def test_value_and_gradient_are_dmd2s_loss_dm() -> None:
+    """DMD2's ``loss_dm``: 0.5 * MSE(x, x - g) averaged over every element of the batch."""
+    real, fake = _scores()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g)
+    loss = distribution_matching_loss(x, real, fake, schedule=VP, t=t, noise=noise)
+    (grad,) = torch.autograd.grad(loss, x)
+    a, s = VP.coefficients(t, x)
+    x_t = a * x.detach() + s * noise
+    x0_real, x0_fake = real.x0(x_t, t), fake.x0(x_t, t)
+    step = (x0_fake - x0_real) / (x.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True)
+    y = x.detach().clone().requires_grad_(True)
+    want = 0.5 * torch.nn.functional.mse_loss(y, y.detach() - step, reduction="mean")
+    (want_grad,) = torch.autograd.grad(want, y)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_normaliser_floor_keeps_a_sample_on_the_real_estimate_finite() -> None:
+    # the real score's estimate is the sample itself: mean |x - x0_real| = 0
+    real = wrap(lambda x, t: torch.full_like(x, 0.25), VP, "x0")
+    fake = wrap(lambda x, t: torch.full_like(x, 0.75), VP, "x0")
+    x = torch.full((2, 3, 4), 0.25, requires_grad=True)
+    loss = distribution_matching_loss(x, real, fake, schedule=VP, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(x.grad).all())
+    # g = (0.75 - 0.25) / floor per element; the gradient is g / (B N)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5 / NORMALISER_FLOOR / 24))
+
+
+def test_fake_score_loss_draws_t_over_the_whole_schedule() -> None:
+    seen: list[Tensor] = []
+    fake = wrap(lambda x, t: seen.append(t) or torch.zeros_like(x), VP, "eps")
+    fake_score_loss(torch.zeros(4000, 1), fake, schedule=VP, generator=torch.Generator().manual_seed(0))
+    t = seen[0]
+    assert int(t.min()) == 0 and int(t.max()) == 999  # DMD2: 0-999 (matching: 20-980)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)

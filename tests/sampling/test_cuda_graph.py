@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from addkit.denoisers import wrap
-from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, sample
-from addkit.sampling._static import autocast_dtype, flatten, graph_key
+from addkit.sampling import CUDAGraphSampler, EagerFallbackWarning, _static, sample
+from addkit.sampling._static import CapturedLoop, autocast_dtype, flatten, graph_key, rebuild
 from addkit.schedules import VPSchedule
 from addkit.testing import tiny_sdxl_unet, tiny_vae
 
@@ -115,7 +115,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="CUDAGraphSampler: callback is not supported"):
         sampler(noise, callback=print, text=text)
     with pytest.raises(TypeError, match="CUDAGraphSampler: conditioning 'extra.ids' must be a tensor"):
-        sampler(noise, text=text, extra={"ids": [1, 2]})
+        sampler(noise, text=text, extra={"ids": {1, 2}})  # a set: neither a container nor hashable
     with pytest.raises(ValueError, match=r"CUDAGraphSampler: noises must have shape \(3, 2, 4, 8, 8\)"):
         sampler(noise, noises=torch.randn(2, 2, 4, 8, 8), text=text)
 
@@ -150,6 +150,96 @@ def test_cpu_under_autocast_equals_sample_under_autocast() -> None:
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(plain, sample(denoiser, noise, schedule=VP, noises=noises, text=text))
     assert not torch.allclose(got, plain, rtol=1e-5, atol=1e-5)  # the autocast call did run in bf16
+
+
+class Residual(Net):
+    """Takes ControlNet-style conditioning: a tuple of residuals, one inside a list."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, text: torch.Tensor, res: Any) -> torch.Tensor:
+        feature, (bias,) = res
+        return super().forward(x, t, text=text) + feature + bias.mean(1).view(-1, 1, 1, 1)
+
+
+class RecordedLoop:
+    """A CPU stand-in for a captured CUDA graph: replay re-runs the recorded body, which reads the
+    same static buffers (what a graph's kernels do), and writes the same static output."""
+
+    def __init__(self, body: Any) -> None:
+        self.body, self.out = body, body()
+
+    def replay(self) -> None:
+        self.out.copy_(self.body())
+
+    def reset(self) -> None:
+        pass
+
+    def pool(self) -> tuple[int, int]:
+        return (0, id(self))
+
+
+@pytest.fixture
+def cpu_capture(monkeypatch: pytest.MonkeyPatch) -> list[RecordedLoop]:
+    """Let CUDAGraphSampler 'capture' on the CPU through `RecordedLoop`; the list holds each capture."""
+    loops: list[RecordedLoop] = []
+
+    def capture(body: Any, warmup: int, device: torch.device) -> tuple[RecordedLoop, torch.Tensor]:
+        loops.append(RecordedLoop(body))
+        return loops[-1], loops[-1].out
+
+    monkeypatch.setattr(_static, "capturable", lambda device: True)
+    monkeypatch.setattr(_static, "capture", capture)
+    return loops
+
+
+def _residuals(noise: torch.Tensor, seed: int) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.randn(noise.shape, generator=g), [torch.randn(noise.shape[0], 3, generator=g)]
+
+
+def test_flatten_and_rebuild_nested_conditioning() -> None:
+    cond = {"text": torch.ones(1), "add": {"res": (torch.zeros(2), [torch.ones(3), 4]), "scale": None}}
+    leaves = flatten(cond)
+    paths = [("text",), ("add", "res", 0), ("add", "res", 1, 0), ("add", "res", 1, 1), ("add", "scale")]
+    assert [path for path, _ in leaves] == paths
+    back = rebuild(cond, (value for _, value in leaves))
+    assert isinstance(back["add"]["res"], tuple) and isinstance(back["add"]["res"][1], list)
+    assert flatten(back) == leaves
+
+
+@torch.no_grad()
+def test_tuple_conditioning_is_copied_into_one_captured_graph(cpu_capture: list[RecordedLoop]) -> None:
+    denoiser = wrap(Residual(), VP, "eps")
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    noise, text = _inputs()
+    outs = []
+    for seed in range(3):  # new residual tensors (same shapes) each call: one capture, values copied in
+        res = _residuals(noise, seed)
+        noises = torch.randn(3, *noise.shape, generator=torch.Generator().manual_seed(seed))
+        outs.append(sampler(noise, noises=noises, text=text, res=res))
+        want = sample(denoiser, noise, schedule=VP, noises=noises, text=text, res=res)
+        torch.testing.assert_close(outs[-1], want)
+    assert sampler.captures == 1 and len(cpu_capture) == 1 and len(sampler.memory_pools) == 1
+    assert not torch.allclose(outs[0], outs[1])
+    sampler(noise, text=text, res=(noise, [torch.zeros(2, 5)]))  # a new residual shape: a new graph
+    assert sampler.captures == 2
+
+
+@torch.no_grad()
+def test_replay_draws_noise_with_the_generator_on_its_device(cpu_capture: list[RecordedLoop]) -> None:
+    denoiser = wrap(Net(), VP, "eps")
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    noise, text = _inputs()
+    for seed in (0, 1):  # the capturing call, then a replay
+        got = sampler(noise, generator=torch.Generator().manual_seed(seed), text=text)
+        want = sample(denoiser, noise, schedule=VP, generator=torch.Generator().manual_seed(seed), text=text)
+        torch.testing.assert_close(got, want)
+    # meta stands in for CUDA: the static buffer is filled from a draw on the CPU generator's device
+    buffers = torch.empty(3, 2, 4, device="meta")
+    loop = CapturedLoop(RecordedLoop(lambda: buffers.sum(0)), buffers[0], buffers, [], buffers[0], None)
+    g, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    loop.replay(buffers[0], None, g, [])
+    torch.randn(3, 2, 4, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
 
 
 # -- on a GPU ---------------------------------------------------------------------------------
@@ -386,3 +476,20 @@ def test_replay_after_the_capturing_autocast_block_ended() -> None:
     del junk
     assert sampler.captures == 1 and torch.isfinite(got).all()
     _bf16_close(got, want)
+
+
+@pytest.mark.cuda
+def test_tuple_conditioning_replays_one_graph_on_cuda() -> None:
+    torch.manual_seed(0)
+    denoiser = wrap(Residual().cuda(), VP, "eps")
+    sampler = CUDAGraphSampler(denoiser, schedule=VP)
+    noise, text = _inputs(device="cuda")
+    for seed in range(3):
+        feature, (bias,) = _residuals(noise.cpu(), seed)
+        res = (feature.cuda(), [bias.cuda()])
+        noises = torch.randn(3, *noise.shape, device="cuda")
+        got = sampler(noise, noises=noises, text=text, res=res)
+        with torch.no_grad():
+            want = sample(denoiser, noise, schedule=VP, noises=noises, text=text, res=res)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sampler.captures == 1 and len(sampler.memory_pools) == 1

@@ -3,6 +3,7 @@ loop written with diffusers' add_noise, the oracle property, and clear errors.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,37 @@ def test_noise_is_not_touched(tmp_path: Path) -> None:
     before = noise.clone()
     sample(d, noise, schedule=vp, renoise="ancestral")
     torch.testing.assert_close(noise, before)
+
+
+class _Zero:
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x_t)
+
+
+def test_renoising_noise_is_drawn_on_the_generator_device_and_moved() -> None:
+    # meta stands in for CUDA: a CPU generator cannot fill a meta (or CUDA) buffer in place; the draw
+    # must happen on the CPU (advancing the generator by exactly one [n-1, *shape] draw) and be moved.
+    vp = VPSchedule.scaled_linear()
+    g, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    noise = torch.empty(SHAPE, device="meta")
+    out = sample(_Zero(), noise, schedule=vp, timesteps=(999, 499, 249), generator=g)
+    torch.randn(2, *SHAPE, generator=ref)
+    assert out.device.type == "meta" and out.shape == SHAPE
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cpu_generator_with_cuda_samples_gives_the_cpu_numbers(pipe: Any, student: Any) -> None:
+    denoiser, schedule, cond = student
+    noise = torch.randn(SHAPE)
+    want = sample(denoiser, noise, schedule=schedule, generator=torch.Generator().manual_seed(5), **cond)
+    on_gpu = wrap(copy.deepcopy(pipe.unet).cuda(), schedule, "eps")
+    got = sample(
+        on_gpu,
+        noise.cuda(),
+        schedule=schedule,
+        generator=torch.Generator().manual_seed(5),
+        **{k: v.cuda() for k, v in cond.items()},
+    )
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
