@@ -89,8 +89,9 @@ def assemble(
     What `load_models` does after loading, and what the benchmarks do with networks built at real
     sizes on ``meta`` (``benchmarks/_recipe_step.py``), so both hold the same objects.
     """
-    for module in (unet, vae, *encoders):
-        module.requires_grad_(False).eval()
+    for module in (unet, vae, *encoders, image_encoder):
+        if module is not None:
+            module.requires_grad_(False).eval()
     student, teacher = make_student(args, unet)
     models = Models(
         teacher=teacher,
