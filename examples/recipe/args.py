@@ -128,8 +128,9 @@ def build_parser(family: Family, description: str = "") -> argparse.ArgumentPars
     g.add_argument("--weighting", choices=("exponential", "sds", "nfsd"), default="exponential")
     g.add_argument("--distill-space", choices=("pixel", "latent"), default=None,
                    help="where the distillation loss compares (ADD: pixel, decoded by the VAE)")
-    g.add_argument("--guidance-scale", type=number(0), default=1.0,
-                   help="teacher CFG in the distillation loss, or the real score's with --method dmd2 (1 = off)")
+    g.add_argument("--guidance-scale", type=number(0), default=None,
+                   help="teacher CFG in the distillation loss (ADD: 1 = off), or the real score's with --method "
+                        "dmd2 (DMD2's: 8 for SDXL, 1.75 for SD 1.5)")
     g.add_argument("--negative-prompt", help="NFSD's negative prompt (--weighting nfsd)",
                    default="unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark")
     g.add_argument("--adversarial-loss", choices=ADVERSARIAL_LOSSES, default="hinge")
@@ -143,8 +144,9 @@ def build_parser(family: Family, description: str = "") -> argparse.ArgumentPars
                    help="fake-score updates per generator update (DMD2's two time-scale rule: 5)")
     g.add_argument("--lr-fake", type=number(0, open_low=True), default=None,
                    help="fake-score learning rate (default: --lr)")
-    g.add_argument("--gan-weight", type=number(0), default=3e-3,
-                   help="GAN head's generator weight (0 = no head: no real images are read at all)")
+    g.add_argument("--gan-weight", type=number(0), default=None,
+                   help="GAN head's generator weight (0 = no head: no real images are read at all; DMD2's: "
+                        "5e-3 SDXL, 1e-3 SD 1.5)")
     g.add_argument("--gan-d-weight", type=number(0), default=1e-2,
                    help="GAN head's discriminator weight in the fake-score loss")
 
@@ -167,8 +169,8 @@ def build_parser(family: Family, description: str = "") -> argparse.ArgumentPars
     g.add_argument("--warmup-steps", type=count(0), default=0)
     g.add_argument("--adam-betas-d", type=number(0, 1, open_high=True), nargs=2, default=[0.0, 0.99])
     g.add_argument("--weight-decay", type=number(0), default=1e-2)
-    g.add_argument("--max-grad-norm", type=number(0, open_low=True, inf=True), default=1.0,
-                   help="clip the student's gradient norm (inf = no clipping)")
+    g.add_argument("--max-grad-norm", type=number(0, open_low=True, inf=True), default=None,
+                   help="clip the student's (and fake score's) gradient norm (inf = no clipping; ADD 1, DMD2 10)")
     g.add_argument("--ema-decay", type=number(0, 1, open_high=True), default=0.0,
                    help="EMA of the student (0 = off; e.g. 0.999)")
     g.add_argument("--seed", type=count(0), default=0)
@@ -196,6 +198,10 @@ def build_parser(family: Family, description: str = "") -> argparse.ArgumentPars
 
 
 METHODS = ("add", "dmd2")
+METHOD_DEFAULTS = {  # DMD2's gradient clip is 10 (its public configs); its guidance and GAN weight are per model
+    "add": {"max_grad_norm": 1.0, "guidance_scale": 1.0},
+    "dmd2": {"max_grad_norm": 10.0},
+}
 ADD_ONLY = ("lambda_distill", "adversarial_weight", "weighting", "distill_space", "adversarial_loss",
             "r1_placement", "r1_gamma", "r1_interval", "discriminator", "teacher_taps", "augment")  # fmt: skip
 DMD2_ONLY = ("fake_steps", "lr_fake", "gan_weight", "gan_d_weight")
@@ -219,7 +225,7 @@ def parse_args(family: Family, argv: list[str] | None = None, description: str =
         p.error("--preset none needs --pretrained")
     if not builtin and not args.data:
         p.error("--data is required with --pretrained")
-    defaults = {"output_dir": f"outputs/{family.name}", **family.defaults(args)}
+    defaults = {"output_dir": f"outputs/{family.name}", **METHOD_DEFAULTS[args.method], **family.defaults(args)}
     if args.fsdp:  # --fsdp trains without EMA: a preset's EMA gives way (an --ema-decay given is refused)
         defaults.pop("ema_decay", None)
     p.set_defaults(**defaults)  # the preset's values; flags given still win

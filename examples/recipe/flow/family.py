@@ -83,6 +83,9 @@ class FlowFamily:
             "checkpoint_every": 2 if small else 500,
             "sample_every": 4 if small else 500,
             "export_pipeline": small,
+            # DMD2 published no SD3 / Flux configuration: its SDXL GAN weight, no real-score CFG (Flux
+            # is guidance-distilled; SD3's CFG is a choice to make with --guidance-scale)
+            **({"guidance_scale": 1.0, "gan_weight": 5e-3} if args.method == "dmd2" else {}),
         }
 
     def conflicts(self, args: argparse.Namespace) -> list[str]:

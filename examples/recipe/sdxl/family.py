@@ -37,6 +37,8 @@ class SDXLFamily:
     def defaults(self, args: argparse.Namespace) -> dict[str, Any]:
         """The preset's values: ``tiny`` the tiny world's tuned ADD settings, ``random`` a few plumbing steps."""
         shared = {"lambda_distill": 2.5, "distill_space": "pixel", "discriminator": "dinov2"}
+        if args.method == "dmd2" and args.preset != "none":  # the presets' tiny teachers: no CFG, the earlier weight
+            shared.update(guidance_scale=1.0, gan_weight=3e-3)
         if args.preset == "tiny":
             import tiny_world
 
@@ -64,6 +66,9 @@ class SDXLFamily:
 
     def load(self, args: argparse.Namespace, device: Any, dtype: Any) -> tuple[m.Models, dmd.FakeScore | None]:
         models = m.load_models(args)  # seeded: identical on every process; sets the default resolution
+        if args.method == "dmd2":  # DMD2's published values for the model found (SDXL or SD 1.5)
+            args.guidance_scale = (8.0 if models.sdxl else 1.75) if args.guidance_scale is None else args.guidance_scale
+            args.gan_weight = (5e-3 if models.sdxl else 1e-3) if args.gan_weight is None else args.gan_weight
         fake = None
         if args.method == "dmd2":  # before placing: a LoRA fake score lives on the teacher
             fake = dmd.build_fake_score(models.teacher, lora_rank=args.lora_rank, seed=args.seed)
@@ -131,7 +136,7 @@ class SDXLFamily:
         side = args.resolution // models.vae_factor
         noise = torch.randn(len(batch["caption"]), models.unet.config.in_channels, side, side, device=device)
         uncond = m.unconditional(cond, models, state.text) if args.guidance_scale != 1.0 else None
-        return dmd.Inputs(noise=noise, cond=cond, uncond=uncond, gan={"c_text": pooled}, real=real)
+        return dmd.Inputs(noise=noise, cond=cond, uncond=uncond, gan={"c_text": pooled, **cond}, real=real)
 
     def report(self, state: RunState, student: nn.Module, step: int) -> Path:
         return report.report(state, student, step)

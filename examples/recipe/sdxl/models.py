@@ -360,21 +360,25 @@ def unet_features(
 ) -> addkit.TeacherFeatures:
     """A UNet's features at ``taps`` on re-noised latents (LADD's teacher; DMD2's fake score with ``freeze=False``).
 
-    The objectives pass no text conditioning to the feature network, so the UNet runs on the
-    unconditional (zero) embedding; the heads see the pooled text by projection. ``unet`` may be
-    a teacher view (``AdaptersDisabled``): the features are then the base's.
+    Without conditioning (ADD's objective passes none to LADD's teacher features) the UNet runs
+    on the unconditional (zero) embedding and the heads see the pooled text by projection; DMD2's
+    GAN head passes the caption's (``encoder_hidden_states``, ``text_embeds``, ``time_ids``), as
+    DMD2 conditions its fake UNet's features. ``unet`` may be a teacher view (``AdaptersDisabled``):
+    the features are then the base's.
     """
     adapter = addkit.denoisers.DiffusersUNetAdapter(unet)
     config = bare(unet).config
     pooled = config.projection_class_embeddings_input_dim
     pooled = pooled - 6 * config.addition_time_embed_dim if models.sdxl else 0
 
-    def call(x_t: torch.Tensor, t: torch.Tensor) -> Any:
-        b = x_t.shape[0]
-        cond = {"encoder_hidden_states": x_t.new_zeros(b, 1, config.cross_attention_dim)}
-        if models.sdxl:
-            cond["text_embeds"] = x_t.new_zeros(b, pooled)
-            cond["time_ids"] = square_time_ids(x_t.shape[-1] * models.vae_factor, b, x_t.device).to(x_t.dtype)
+    def call(x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> Any:
+        if not cond:
+            b = x_t.shape[0]
+            cond = {"encoder_hidden_states": x_t.new_zeros(b, 1, config.cross_attention_dim)}
+            if models.sdxl:
+                cond["text_embeds"] = x_t.new_zeros(b, pooled)
+                side = x_t.shape[-1] * models.vae_factor
+                cond["time_ids"] = square_time_ids(side, b, x_t.device).to(x_t.dtype)
         return adapter(x_t, t, **cond)
 
     return addkit.TeacherFeatures(unet, models.schedule, taps, channels=channels, call=call, freeze=freeze)
