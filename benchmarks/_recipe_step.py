@@ -29,7 +29,6 @@ import addkit
 from _estimate import Setup
 from _materialize import Materializer
 
-LORA_TARGETS_UNET = ["to_k", "to_q", "to_v", "to_out.0"]  # examples/recipe/sdxl/models.py
 
 
 @dataclass(frozen=True)

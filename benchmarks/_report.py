@@ -99,8 +99,6 @@ def _gib(nbytes: Any) -> str:
 def _setting(cfg: dict[str, Any]) -> str:
     bits = [cfg["train"] if cfg["train"] == "full" else f"LoRA r{cfg['lora_rank']}"]
     bits += ["GC"] if cfg.get("checkpointing") else []
-    bits += ["VAE GC"] if cfg.get("vae_checkpointing") else []
-    bits += ["teacher GC"] if cfg.get("teacher_checkpointing") else []
     bits += ["DINOv2 D on pixels" if cfg["discriminator"] == "dinov2" else "teacher-feature D"]
     return ", ".join(bits)
 
@@ -164,14 +162,16 @@ AdamW state from the parameter counts alone (frozen: 2 bytes a parameter in bf16
 4 + 4 + 8 = 16 bytes; divided by the GPUs for FSDP): the estimate can only be above it. *At the
 peak*: the phase of the step (the generator's or the discriminator's forward, a backward, the
 optimiser step) and the part whose tensors, made
-during the step, weigh most then (GC: gradient checkpointing; the teacher's feature pass keeps a
-graph in the generator step, and with LoRA `adapters_disabled` suspends its checkpointing, "teacher
-GC" shows what checkpointing it would save). A configuration fits when
+during the step, weigh most then (GC: the student's gradient checkpointing; the teacher's feature
+pass keeps a graph in the generator step, and with LoRA `adapters_disabled` suspends its
+checkpointing). A configuration fits when
 its peak is at most {headroom:.0%} of the GPU (CUDA context, workspaces and fragmentation are not in the
-estimate). FSDP x{world} is an estimate per GPU: parameters, gradients and optimiser state divided
-by {world}, activations whole. SDXL rows run `examples/add_sdxl.py`'s step, flow rows
-`examples/add_flow.py`'s (LADD; the LoRA teacher is the student with its adapters disabled, one copy of
-the weights). {method}."""
+estimate). FSDP x{world} (`--fsdp`, a full SDXL student; the flow recipe does not offer it) is an
+estimate per GPU: the student's weights, gradients and AdamW state divided by {world}, frozen networks,
+the discriminator and activations whole. Every row runs the recipes' own training step
+(`recipe.step.train_step`) on the models their family adapters build: SDXL rows
+`examples/add_sdxl.py`'s, flow rows `examples/add_flow.py`'s (LADD; the LoRA teacher is the student
+with its adapters disabled, one copy of the weights). {method}."""
 
 
 def render_memory(payload: dict[str, Any] | None, heading: str) -> str:

@@ -1,24 +1,27 @@
 """Peak GPU memory of one ADD training step, estimated on a CPU without allocating it.
 
-Each configuration builds its models at their real sizes on ``meta``, turns them into fake
-tensors and runs one whole training step, the code of ``examples/add_sdxl.py`` (SDXL) or its
-LADD-style counterpart for flow transformers (SD3.5 medium, Flux.1 [dev]), under
+Each configuration builds its models at their real sizes on ``meta``, assembles and places them
+with the recipes' own family adapters, turns them into fake tensors and runs one whole training
+step, the recipes' own ``recipe.step.train_step`` (``examples/add_sdxl.py`` for SDXL,
+``examples/add_flow.py``'s LADD for SD3.5 medium and Flux.1 [dev]; ``_recipe_step.py``), under
 ``FakeTensorMode`` with a storage tracker (``_estimate.py``; CUDA's autocast policy from
-``_cuda_autocast.py``; the setups in ``_add_setups.py``). The figure is the peak of live tensor
+``_cuda_autocast.py``). The figure is the peak of live tensor
 bytes, what ``torch.cuda.max_memory_allocated`` reports on a GPU, broken down into parameters,
 gradients, AdamW state, activations, temporaries and inputs, and by the part (student, teacher,
-VAE, discriminator, backward, optimiser step) that made what is alive at the peak. Flow models
-also get the per-device figure of an FSDP run across 8 GPUs: parameters, gradients and
-optimiser state divided by 8, activations whole, plus the unsharded blocks FSDP gathers.
+VAE, discriminator, backward, optimiser step) that made what is alive at the peak. A full SDXL
+student also gets the per-device figure of ``--fsdp`` across 8 GPUs: the student's weights,
+gradients and AdamW state divided by 8, everything else whole, plus the unsharded blocks FSDP
+gathers (the flow recipe does not offer ``--fsdp``).
 
 Beside each estimate stands the analytic floor from the parameter counts alone: frozen
 networks at 2 bytes a parameter (bf16; the DINOv2 feature network of the discriminator at 4,
 the recipe keeps the discriminator in float32), trained weights at 4 + 4 (float32 weights and
-gradients) + 8 (AdamW's two moments) = 16 bytes, LoRA weights likewise; divided by 8 for FSDP.
+gradients) + 8 (AdamW's two moments) = 16 bytes, LoRA weights likewise; the student's divided by 8
+for ``--fsdp``.
 A configuration fits a GPU of ``G`` GiB when its estimate is at most 90 % of it (the CUDA
 context, cuDNN/cuBLAS workspaces and the allocator's fragmentation are not in the estimate).
 
-Run: ``python benchmarks/bench_memory.py`` (every configuration: about 45 s each on one core,
+Run: ``PYTHONPATH=examples python benchmarks/bench_memory.py`` (every configuration: about 45 s each on one core,
 two at a time by default) or ``--quick`` (two of them, what ``run_all.py --quick`` runs); ``--only
 NAME ...`` for some. Results are merged by
 configuration name into ``benchmarks/results/estimate/memory.json``; ``run_all.py`` and
@@ -157,7 +160,8 @@ def run_entry(entry: Entry) -> dict[str, Any]:
     }
     if entry.world > 1:
         row["per_device"] = est["per_device"]
-        row["floor_bytes_per_device"] = -(-floor // entry.world)
+        student = 16 * counts["student"]["trained"]  # what --fsdp shards: the student's weights, grads, AdamW
+        row["floor_bytes_per_device"] = floor - student + -(-student // entry.world)
     return row
 
 

@@ -48,9 +48,9 @@ from recipe.step import (
     poisoned,
 )
 from addkit.denoisers import AdaptersDisabled, adapters_disabled
+from recipe.lora import UNET_TARGETS, add_lora
 
 FAKE_ADAPTER = "fake_score"
-UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 @dataclass
@@ -81,7 +81,7 @@ class FakeScore:
 
 
 def build_fake_score(
-    teacher: nn.Module, *, lora_rank: int = 0, lora_targets: Sequence[str] = UNET_LORA_TARGETS, seed: int = 0
+    teacher: nn.Module, *, lora_rank: int = 0, lora_targets: Sequence[str] = UNET_TARGETS, seed: int = 0
 ) -> FakeScore:
     """DMD2's fake score, initialised from ``teacher`` (a frozen diffusers network, before placement).
 
@@ -96,17 +96,7 @@ def build_fake_score(
         network = copy.deepcopy(teacher).requires_grad_(True).train()
         real = teacher
     else:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
-            config = LoraConfig(
-                r=lora_rank,
-                lora_alpha=lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(lora_targets),
-            )
-            teacher.add_adapter(config, adapter_name=FAKE_ADAPTER)
+        add_lora(teacher, lora_rank, lora_targets, seed=seed + 1, name=FAKE_ADAPTER)
         network, real = teacher, AdaptersDisabled(teacher)
     named = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
     return FakeScore(network, real, [n for n, _ in named], [p for _, p in named])

@@ -28,6 +28,7 @@ from torch import nn
 import recipe.flow.tiny as tiny
 import addkit
 from recipe.args import RecipeError
+from recipe.lora import add_lora
 from addkit.denoisers import AdaptersDisabled
 
 FAMILIES = ("sd3", "flux")
@@ -102,18 +103,7 @@ def assemble(args: argparse.Namespace, pipe: Any) -> FlowModels:
     elif args.guidance is not None:
         raise RecipeError(f"--guidance {args.guidance}: this transformer has no guidance embedding")
     if args.lora_rank:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            base.add_adapter(
-                LoraConfig(
-                    r=args.lora_rank,
-                    lora_alpha=args.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(args.lora_targets),
-                )
-            )
+        add_lora(base, args.lora_rank, args.lora_targets, seed=args.seed)
         student, teacher = base, AdaptersDisabled(base)  # one copy of the transformer's weights
     else:
         student, teacher = copy.deepcopy(base).requires_grad_(True), base

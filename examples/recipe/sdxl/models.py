@@ -26,6 +26,7 @@ import recipe.sdxl.random as random_preset
 import addkit
 import tiny_world
 from recipe.args import RecipeError
+from recipe.lora import UNET_TARGETS, add_lora
 from addkit.denoisers import AdaptersDisabled
 
 
@@ -119,18 +120,7 @@ def make_student(args: argparse.Namespace, unet: Any) -> tuple[Any, Any]:
     one_copy = bool(args.lora_rank) and args.method != "dmd2"
     student = unet if one_copy else copy.deepcopy(unet)
     if args.lora_rank:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            student.add_adapter(
-                LoraConfig(
-                    r=args.lora_rank,
-                    lora_alpha=args.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-                )
-            )
+        add_lora(student, args.lora_rank, UNET_TARGETS, seed=args.seed)
     else:
         student.requires_grad_(True)
     student.train()
