@@ -66,7 +66,8 @@ def test_dmd2_gan_head_learns_through_the_fake_score_loss(world: World) -> None:
     torch.manual_seed(0)
     head = world.dinov2()
     fake_score = addkit.wrap(lambda x, t: torch.zeros_like(x), addkit.VPSchedule.scaled_linear(), "eps")
-    objective = addkit.DMDObjective(fake_score, fake_score, addkit.VPSchedule.scaled_linear(), gan_head=head)
+    schedule = addkit.VPSchedule.scaled_linear()  # a head on clean images: it takes no noise level
+    objective = addkit.DMDObjective(fake_score, fake_score, schedule, gan_head=head, gan_t_range="head")
     opt = torch.optim.Adam(head.parameters(), lr=1e-3, betas=(0.0, 0.99))
     g = torch.Generator().manual_seed(0)
 
