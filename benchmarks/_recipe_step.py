@@ -17,7 +17,7 @@ hold the same storages.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,17 +291,12 @@ def setup_for(cfg: StepConfig) -> Callable[[Materializer], Setup]:
 
 
 def _quiet(fn: Callable[..., Any], *args: Any) -> None:
-    with _no_lr_warning():
-        fn(*args)
-
-
-@contextlib.contextmanager
-def _no_lr_warning() -> Iterator[None]:
+    """``fn(*args)`` without warnings (the LR scheduler's "step before optimizer.step" on a first step)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        fn(*args)
 
 
 def fsdp_unit_bytes(state: Any) -> int:

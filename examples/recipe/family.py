@@ -47,7 +47,6 @@ class Family(Protocol):
 
     name: str  # the entry point's name: ``add_sdxl`` (log prefix, output folder, tracker)
     presets: tuple[str, ...]  # built-in worlds, the default first; "none" = --pretrained
-    prediction: str  # for messages; the models carry their own
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Add the family's own flags to the shared parser."""
@@ -81,6 +80,9 @@ class Family(Protocol):
     def text(self, args: argparse.Namespace, models: Any, device: Any) -> Any:
         """The caption encoder the family's inputs use (``state.text``)."""
 
+    def make_data(self, args: argparse.Namespace, folder: Path) -> Path:
+        """A built-in preset's data folder, written into ``folder`` (the path ``--data`` then takes)."""
+
     def dataset(self, args: argparse.Namespace, output_dir: Path) -> Any:
         """The training data (a map-style dataset of dict batches; ``caption`` always there)."""
 
@@ -98,6 +100,9 @@ class Family(Protocol):
 
     def evaluate(self, state: RunState, student: nn.Module) -> dict | None:
         """The preset's scores of teacher and student (None where it has none)."""
+
+    def scores_table(self, scores: dict) -> str:
+        """``evaluate``'s scores as the closing summary prints them."""
 
     def sample_command(self, args: argparse.Namespace, export: Path) -> str | None:
         """The command that samples the export (shown in the closing summary)."""
