@@ -1,11 +1,16 @@
-"""Discriminator heads on token features, with projection conditioning (StyleGAN-T design).
+"""Discriminator heads on features, with projection conditioning (StyleGAN-T design).
 
-One head per tap maps tokens ``[B, C, N]`` to one logit per token ``[B, N]``:
+One head per tap maps a token sequence ``[B, C, N]`` (``dims=1``) or a feature map on its
+spatial grid ``[B, C, H, W]`` (``dims=2``) to one logit per token ``[B, N]`` (``N = H W``):
 
-1. a block with kernel 1, then a residual block with kernel 9, each block being a
-   spectral-normalised ``Conv1d`` (circular padding) -> a normalisation -> ``LeakyReLU(0.2)``;
-   the residual sum is scaled by $1/\\sqrt 2$;
-2. an output ``Conv1d`` (kernel 1) to ``cmap_dim`` channels when conditioned, else to 1;
+1. a block with kernel 1, then a residual block with kernel ``k``, each block being a
+   spectral-normalised convolution -> a normalisation -> ``LeakyReLU(0.2)``; the residual sum is
+   scaled by $1/\\sqrt 2$. ``dims=1``: StyleGAN-T's ``Conv1d`` with kernel 9 and circular
+   padding over ViT tokens (whose order carries no 2-D neighbourhood a 1-D kernel could use).
+   ``dims=2``: ``Conv2d`` with a ``k × k`` kernel (default 3, the same nine taps) and zero
+   padding, for features that live on an image grid: a UNet's feature maps, or a diffusion
+   transformer's image tokens put back on their patch grid (LADD's heads on teacher features);
+2. an output convolution (kernel 1) to ``cmap_dim`` channels when conditioned, else to 1;
 3. projection conditioning (Miyato & Koyama) with $c_{map} = W c$:
 
 $$ \\ell_{b,n} = \\frac{1}{\\sqrt{d_{map}}} \\sum_{j=1}^{d_{map}} h_{b,j,n}\\, c_{map,b,j}. $$
@@ -49,11 +54,37 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from addkit._checks import check_choice, check_finite_inputs, check_floating, check_ndim, check_positive_int
 
-__all__ = ["BatchNormLocal", "DiscHead", "EqualizedLinear", "HeadNorm", "SampleNorm", "projection_logits"]
+__all__ = [
+    "BatchNormLocal",
+    "DiscHead",
+    "EqualizedLinear",
+    "HeadNorm",
+    "SampleNorm",
+    "noise_level_embedding",
+    "projection_logits",
+]
 
 HeadNorm = Literal["sample", "batch"]
 """The heads' normalisation: per sample ([`SampleNorm`][addkit.discriminators.heads.SampleNorm]) or
 over virtual batches ([`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal], StyleGAN-T)."""
+
+
+def noise_level_embedding(r: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding ``[B, dim]`` (float32) of noise fractions ``r`` ``[B]`` in ``[0, 1]``.
+
+    $[\\cos(1000\\, r\\, f_k),\\ \\sin(1000\\, r\\, f_k)]$ with $f_k = 10000^{-k/(d/2)}$,
+    $k = 0 \\ldots d/2 - 1$: the transformer / DDPM time embedding (Vaswani et al. 2017; Ho et
+    al. 2020) of ``1000 r``, so the discriminator's heads see the noise level on the scale a
+    diffusion model's time embedding uses.
+
+    Examples:
+        >>> noise_level_embedding(torch.tensor([0.0]), 4)
+        tensor([[1., 1., 0., 0.]])
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=r.device, dtype=torch.float32) / half)
+    angle = 1000.0 * r.float()[:, None] * freqs
+    return torch.cat([angle.cos(), angle.sin()], dim=1)
 
 
 def projection_logits(h: Tensor, cmap: Tensor) -> Tensor:
@@ -125,9 +156,10 @@ class BatchNormLocal(nn.Module):
         return torch.arange(batch_size, device=device) * groups // batch_size
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("BatchNormLocal", "x", check_floating("BatchNormLocal", "x", x), 3, layout="[B, C, N]")
+        """Normalise ``x`` ``[B, C, N]`` (or ``[B, C, H, W]``); returns the same shape and dtype."""
+        check_ndim("BatchNormLocal", "x", check_floating("BatchNormLocal", "x", x), (3, 4), layout="[B, C, N]")
         check_finite_inputs("BatchNormLocal", x=x)
+        shape, x = x.shape, x.flatten(2)
         B, C, N = x.shape
         groups = math.ceil(B / self.virtual_batch_size)
         idx = self.group_index(B, x.device)
@@ -140,7 +172,7 @@ class BatchNormLocal(nn.Module):
         y = centred * torch.rsqrt(var_g[idx][..., None] + self.eps)
         if self.weight is not None:
             y = y * self.weight.to(y.dtype)[:, None] + self.bias.to(y.dtype)[:, None]
-        return y.to(x.dtype)
+        return y.to(x.dtype).reshape(shape)
 
 
 class SampleNorm(nn.Module):
@@ -172,8 +204,8 @@ class SampleNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` ``[B, C, N]``; returns the same shape and dtype."""
-        check_ndim("SampleNorm", "x", check_floating("SampleNorm", "x", x), 3, layout="[B, C, N]")
+        """Normalise ``x`` ``[B, C, N]`` (or ``[B, C, H, W]``); returns the same shape and dtype."""
+        check_ndim("SampleNorm", "x", check_floating("SampleNorm", "x", x), (3, 4), layout="[B, C, N]")
         check_finite_inputs("SampleNorm", x=x)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = F.group_norm(x32, 1, self.weight.to(x32.dtype), self.bias.to(x32.dtype), self.eps)
@@ -211,8 +243,16 @@ class EqualizedLinear(nn.Module):
         return F.linear(x, self.weight * self.gain, self.bias)
 
 
-def _block(channels: int, kernel_size: int, norm: HeadNorm, virtual_batch_size: int) -> nn.Sequential:
-    conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
+def _conv(dims: int, channels: int, out_channels: int, kernel_size: int) -> nn.Module:
+    if dims == 1:
+        return nn.Conv1d(channels, out_channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
+    return nn.Conv2d(channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def _block(
+    channels: int, kernel_size: int, norm: HeadNorm, virtual_batch_size: int, dims: int
+) -> nn.Sequential:
+    conv = _conv(dims, channels, channels, kernel_size)
     return nn.Sequential(spectral_norm(conv), _norm(norm, channels, virtual_batch_size), nn.LeakyReLU(0.2))
 
 
@@ -226,13 +266,16 @@ class _Residual(nn.Module):
 
 
 class DiscHead(nn.Module):
-    """One discriminator head: token features ``[B, C, N]`` to logits ``[B, N]``.
+    """One discriminator head: tokens ``[B, C, N]`` or a grid ``[B, C, H, W]`` to logits ``[B, N]``.
 
     Args:
         channels: ``C`` of the tap it reads.
         c_dim: width of the conditioning vector, or ``None`` for an unconditional head.
         cmap_dim: projection width $d_{map}$ (StyleGAN-T: 64).
-        kernel_size: kernel of the residual block (StyleGAN-T: 9, odd).
+        kernel_size: kernel of the residual block (odd); default 9 for tokens (StyleGAN-T), 3
+            (``3 × 3``) for a grid.
+        dims: ``1``, a token sequence ``[B, C, N]`` read with circular padding; ``2``, a
+            feature map ``[B, C, H, W]`` read with ``k × k`` kernels and zero padding.
         norm: ``"sample"`` ([`SampleNorm`][addkit.discriminators.heads.SampleNorm], default: no
             coupling between samples) or ``"batch"``
             ([`BatchNormLocal`][addkit.discriminators.heads.BatchNormLocal], StyleGAN-T's; see the
@@ -243,6 +286,8 @@ class DiscHead(nn.Module):
         >>> head = DiscHead(16, c_dim=8)
         >>> head(torch.randn(2, 16, 10), torch.randn(2, 8)).shape
         torch.Size([2, 10])
+        >>> DiscHead(16, dims=2)(torch.randn(2, 16, 4, 6)).shape
+        torch.Size([2, 24])
     """
 
     def __init__(
@@ -251,12 +296,16 @@ class DiscHead(nn.Module):
         *,
         c_dim: int | None = None,
         cmap_dim: int = 64,
-        kernel_size: int = 9,
+        kernel_size: int | None = None,
         norm: HeadNorm = "sample",
         virtual_batch_size: int = 8,
+        dims: int = 1,
     ) -> None:
         super().__init__()
         check_choice("DiscHead", "norm", norm, ("sample", "batch"))
+        check_choice("DiscHead", "dims", dims, (1, 2))
+        if kernel_size is None:
+            kernel_size = 9 if dims == 1 else 3
         for name, value in (("channels", channels), ("cmap_dim", cmap_dim), ("kernel_size", kernel_size)):
             check_positive_int("DiscHead", name, value)
         if c_dim is not None:
@@ -268,28 +317,29 @@ class DiscHead(nn.Module):
         self.cmap_dim = int(cmap_dim)
         self.kernel_size = int(kernel_size)
         self.norm = norm
+        self.dims = int(dims)
         self.main = nn.Sequential(
-            _block(channels, 1, norm, virtual_batch_size),
-            _Residual(_block(channels, kernel_size, norm, virtual_batch_size)),
+            _block(channels, 1, norm, virtual_batch_size, dims),
+            _Residual(_block(channels, kernel_size, norm, virtual_batch_size, dims)),
         )
         out_channels = self.cmap_dim if c_dim else 1
-        self.out = spectral_norm(nn.Conv1d(channels, out_channels, kernel_size=1))
+        self.out = spectral_norm(_conv(dims, channels, out_channels, 1))
         self.cmapper = EqualizedLinear(c_dim, self.cmap_dim) if c_dim else None
 
     def forward(self, x: Tensor, c: Tensor | None = None) -> Tensor:
-        """Logits ``[B, N]`` of tokens ``x`` ``[B, C, N]`` given conditioning ``c`` ``[B, c_dim]``."""
+        """Logits ``[B, N]`` of ``x`` (``[B, C, N]``, or ``[B, C, H, W]`` with ``N = H W``) given ``c`` ``[B, c_dim]``."""
         fn = "DiscHead"
         check_floating(fn, "x", x)
-        check_ndim(fn, "x", x, 3, layout="[B, C, N]")
+        check_ndim(fn, "x", x, self.dims + 2, layout="[B, C, N]" if self.dims == 1 else "[B, C, H, W]")
         check_finite_inputs(fn, x=x, c=c)
         if x.shape[1] != self.channels:
             raise ValueError(f"{fn}: x must have {self.channels} channels, got shape {tuple(x.shape)}")
-        if x.shape[2] < self.kernel_size // 2:
+        if self.dims == 1 and x.shape[2] < self.kernel_size // 2:
             raise ValueError(
                 f"{fn}: x needs at least {self.kernel_size // 2} tokens for kernel_size "
                 f"{self.kernel_size} with circular padding, got shape {tuple(x.shape)}"
             )
-        h = self.out(self.main(x))
+        h = self.out(self.main(x)).flatten(2)
         if self.cmapper is None:
             if c is not None:
                 raise ValueError(f"{fn}: got conditioning c but the head was built with c_dim=None")

@@ -3,7 +3,18 @@
 $$ D(x, c) = \\big[\\, h_k(F_k(\\operatorname{aug}(x)),\\ c) \\,\\big]_{k=1}^{K_{taps}}
    \\in \\mathbb{R}^{B \\times \\sum_k N_k} $$
 
-one logit per token of every tap, concatenated (higher = real). The loss decides how to
+one logit per token of every tap, concatenated (higher = real). A feature network that
+declares ``layout = "grid"`` (e.g. [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures])
+returns ``[B, C_k, h_k, w_k]`` maps and gets 2-D heads; token features ``[B, C_k, N_k]`` get
+StyleGAN-T's 1-D heads.
+
+**Noise-level conditioning** (``c_noise_dim``, LADD). When the feature network re-noises its
+input to a drawn level $\\hat t$ (it has ``sample_t`` and ``schedule``), the heads can be told
+$\\hat t$: one draw per sample feeds both the features and a sinusoidal embedding of the noise
+fraction $r = \\sigma_{\\hat t}/(\\alpha_{\\hat t} + \\sigma_{\\hat t})$ (1,000 r, as diffusion
+models embed time), concatenated with the text and image embeddings before each head's
+projection. Without it a head must judge a nearly clean and a nearly pure-noise input with the
+same weights. The loss decides how to
 reduce them; addkit's losses default to sum over heads, mean over tokens and batch when
 given the list of heads, which ``per_head=True`` returns.
 
@@ -17,6 +28,9 @@ References:
     Sauer et al., *Adversarial Diffusion Distillation*, arXiv 2311.17042, §3.2 (frozen
     DINOv2 features, trainable heads, text + image conditioning, R1 on the head inputs).
     Sauer et al., *StyleGAN-T*, arXiv 2301.09515, §3.2.
+    Sauer et al., *Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
+    Distillation*, arXiv 2403.12015, §3 (heads on the teacher's token grid, conditioned on
+    the noise level and the text).
 """
 
 from __future__ import annotations
@@ -31,7 +45,8 @@ from torch import Tensor, nn
 from addkit._checks import check_callable, check_finite_inputs, check_floating, check_positive_int
 from addkit._dtype import as_module_dtype
 from addkit.discriminators.clip import CLIPFeatures
-from addkit.discriminators.heads import DiscHead, HeadNorm
+from addkit.discriminators.teacher import noise_fraction
+from addkit.discriminators.heads import DiscHead, HeadNorm, noise_level_embedding
 from addkit.discriminators.vit import DINOv2Features
 from addkit.typing import FeatureNetwork
 
@@ -63,11 +78,14 @@ class ProjectedDiscriminator(nn.Module):
             ``frozen = False`` (a ``TeacherFeatures(..., freeze=False)`` on DMD2's fake score).
         c_text_dim: width of the text embedding, or ``None`` for no text conditioning.
         c_image_dim: width of the image embedding, or ``None``.
+        c_noise_dim: width of the noise-level embedding (even), or ``None`` (default) for
+            heads that are not told $\\hat t$. Needs a feature network that draws it
+            (``sample_t`` and ``schedule``, e.g. ``TeacherFeatures``). LADD: set it.
         augment: called as ``augment(images, generator=...)`` before the features in
             training mode (e.g. [`DiffAugment`][addkit.discriminators.augment.DiffAugment]);
             ``None`` for none. Not applied in eval mode.
         cmap_dim: projection width (StyleGAN-T: 64).
-        kernel_size: residual-block kernel of the heads (9).
+        kernel_size: residual-block kernel of the heads (default 9 for tokens, 3 × 3 for a grid).
         norm: the heads' normalisation, ``"sample"`` (default: each sample alone, so real and
             fake may be scored in separate calls) or ``"batch"`` (StyleGAN-T's local batch norm;
             see [`addkit.discriminators.heads`][addkit.discriminators.heads] for why it is not
@@ -75,7 +93,8 @@ class ProjectedDiscriminator(nn.Module):
         virtual_batch_size: group size of ``norm="batch"`` (8).
 
     Raises:
-        TypeError: if ``features`` has no ``channels``.
+        TypeError: if ``features`` has no ``channels``, or ``c_noise_dim`` is set for a
+            feature network without ``sample_t`` and ``schedule``.
 
     Examples:
         >>> from addkit.discriminators import TappedFeatures
@@ -93,9 +112,10 @@ class ProjectedDiscriminator(nn.Module):
         *,
         c_text_dim: int | None = None,
         c_image_dim: int | None = None,
+        c_noise_dim: int | None = None,
         augment: Callable[..., Tensor] | None = None,
         cmap_dim: int = 64,
-        kernel_size: int = 9,
+        kernel_size: int | None = None,
         norm: HeadNorm = "sample",
         virtual_batch_size: int = 8,
     ) -> None:
@@ -106,9 +126,21 @@ class ProjectedDiscriminator(nn.Module):
                 f"{fn}: features must be a FeatureNetwork (callable with a `channels` list), "
                 f"got {type(features).__name__}"
             )
-        for name, dim in (("c_text_dim", c_text_dim), ("c_image_dim", c_image_dim)):
+        for name, dim in (("c_text_dim", c_text_dim), ("c_image_dim", c_image_dim), ("c_noise_dim", c_noise_dim)):
             if dim is not None:
                 check_positive_int(fn, name, dim)
+        if c_noise_dim is not None:
+            if c_noise_dim % 2:
+                raise ValueError(f"{fn}: c_noise_dim must be even (cos and sin pairs), got {c_noise_dim}")
+            if not callable(getattr(features, "sample_t", None)) or not hasattr(features, "schedule"):
+                raise TypeError(
+                    f"{fn}: c_noise_dim conditions the heads on the noise level the feature network draws, so "
+                    f"features needs sample_t(batch, generator=, device=) and a schedule (e.g. TeacherFeatures), "
+                    f"got {type(features).__name__}"
+                )
+        layout = getattr(features, "layout", "tokens")
+        if layout not in ("tokens", "grid"):
+            raise ValueError(f"{fn}: features.layout must be 'tokens' or 'grid', got {layout!r}")
         if augment is not None:
             check_callable(fn, "augment", augment, hint=" (e.g. DiffAugment())")
         if isinstance(features, nn.Module) and getattr(features, "frozen", True):
@@ -118,7 +150,9 @@ class ProjectedDiscriminator(nn.Module):
         self._features_take_generator = "generator" in inspect.signature(call).parameters
         self.c_text_dim = c_text_dim
         self.c_image_dim = c_image_dim
-        c_dim = (c_text_dim or 0) + (c_image_dim or 0) or None
+        self.c_noise_dim = c_noise_dim
+        self.layout = layout
+        c_dim = (c_text_dim or 0) + (c_image_dim or 0) + (c_noise_dim or 0) or None
         self.heads = nn.ModuleList(
             DiscHead(
                 c,
@@ -127,6 +161,7 @@ class ProjectedDiscriminator(nn.Module):
                 kernel_size=kernel_size,
                 norm=norm,
                 virtual_batch_size=virtual_batch_size,
+                dims=2 if layout == "grid" else 1,
             )
             for c in features.channels
         )
@@ -200,6 +235,24 @@ class ProjectedDiscriminator(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     @property
+    def noise_conditioned(self) -> bool:
+        """Whether the heads take the noise level ``t`` (built with ``c_noise_dim``)."""
+        return self.c_noise_dim is not None
+
+    def sample_t(
+        self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Noise levels ``[B]`` from the feature network (``features.sample_t``), for the caller who
+        runs [`extract`][addkit.discriminators.projected.ProjectedDiscriminator.extract] and
+        [`classify`][addkit.discriminators.projected.ProjectedDiscriminator.classify] apart."""
+        draw = getattr(self._features, "sample_t", None)
+        if not callable(draw):
+            raise TypeError(
+                f"ProjectedDiscriminator.sample_t: the feature network {type(self._features).__name__} draws no noise level"
+            )
+        return draw(batch_size, generator=generator, device=device)
+
+    @property
     def features(self) -> FeatureNetwork:
         """The frozen feature network (not part of ``parameters()`` or ``state_dict()``)."""
         return self._features
@@ -226,7 +279,8 @@ class ProjectedDiscriminator(nn.Module):
                 ``encoder_hidden_states=`` for TeacherFeatures).
 
         Returns:
-            One tensor per head; graph-free when ``images`` does not require grad.
+            One tensor per head (``[B, C_i, N_i]``, or ``[B, C_i, h_i, w_i]`` for a grid
+            layout); graph-free when ``images`` does not require grad.
 
         Raises:
             TypeError: if ``images`` is not a floating tensor.
@@ -251,10 +305,11 @@ class ProjectedDiscriminator(nn.Module):
             raise ValueError(
                 f"{fn}: the feature network returned {len(feats)} taps, expected {len(channels)}"
             )
+        rank, tail = (4, "h, w") if self.layout == "grid" else (3, "N")
         for i, (f, c) in enumerate(zip(feats, channels)):
-            if f.ndim != 3 or f.shape[0] != images.shape[0] or f.shape[1] != c:
+            if f.ndim != rank or f.shape[0] != images.shape[0] or f.shape[1] != c:
                 raise ValueError(
-                    f"{fn}: feature {i} must have shape ({images.shape[0]}, {c}, N), got {tuple(f.shape)}"
+                    f"{fn}: feature {i} must have shape ({images.shape[0]}, {c}, {tail}), got {tuple(f.shape)}"
                 )
         return feats
 
@@ -268,6 +323,7 @@ class ProjectedDiscriminator(nn.Module):
         c_text: Tensor | None = None,
         c_image: Tensor | None = None,
         *,
+        t: Tensor | float | None = None,
         per_head: bool = False,
     ) -> Tensor | list[Tensor]:
         """Logits ``[B, sum_k N_k]`` (float32, higher = real) of the head inputs.
@@ -279,6 +335,8 @@ class ProjectedDiscriminator(nn.Module):
             features: one ``[B, C_k, N_k]`` tensor per head.
             c_text: text embedding ``[B, c_text_dim]``; required iff ``c_text_dim`` was set.
             c_image: image embedding ``[B, c_image_dim]``; required iff ``c_image_dim`` was set.
+            t: the noise level(s) the features were drawn at (schedule units, scalar or
+                ``[B]``); required iff ``c_noise_dim`` was set.
             per_head: return one ``[B, N_k]`` tensor per head instead of their concatenation.
 
         Returns:
@@ -294,7 +352,7 @@ class ProjectedDiscriminator(nn.Module):
                 f"{fn}: expected {len(self.heads)} feature tensors (one per head), got {len(features)}"
             )
         check_finite_inputs(fn, features=list(features), c_text=c_text, c_image=c_image)
-        c = self._conditioning(fn, c_text, c_image, features[0].shape[0])
+        c = self._conditioning(fn, c_text, c_image, features[0].shape[0], t)
         dtype = next(self.heads.parameters()).dtype
         cast = not torch.is_autocast_enabled(features[0].device.type)
         c = c.to(dtype) if c is not None and cast else c
@@ -308,6 +366,7 @@ class ProjectedDiscriminator(nn.Module):
         c_image: Tensor | None = None,
         *,
         features: Sequence[Tensor] | None = None,
+        t: Tensor | float | None = None,
         per_head: bool = False,
         generator: torch.Generator | None = None,
         **feature_kwargs: Any,
@@ -322,6 +381,11 @@ class ProjectedDiscriminator(nn.Module):
         ``forward``, which a ``DistributedDataParallel`` wrapper needs to synchronise the
         heads' gradients (R1 on the head inputs goes this way).
 
+        ``t``: the noise level for the feature network (e.g. ``TeacherFeatures``'s $\\hat t$).
+        With noise-conditioned heads (``c_noise_dim``) one draw (``sample_t``, when ``t`` is
+        ``None``) goes to both the features and the heads; with ``features=`` pass the ``t``
+        they were drawn at.
+
         Raises:
             ValueError: unless exactly one of ``images`` and ``features`` is given.
         """
@@ -331,11 +395,16 @@ class ProjectedDiscriminator(nn.Module):
                 f"got {'both' if images is not None else 'neither'}"
             )
         if images is not None:
+            if self.noise_conditioned and t is None and images.ndim > 0 and images.shape[0] > 0:
+                t = self.sample_t(images.shape[0], generator=generator, device=images.device)
+            if t is not None:
+                feature_kwargs["t"] = t
             features = self.extract(images, generator=generator, **feature_kwargs)
-        return self.classify(features or [], c_text, c_image, per_head=per_head)
+        head_t = t if self.noise_conditioned else None
+        return self.classify(features or [], c_text, c_image, t=head_t, per_head=per_head)
 
     def _conditioning(
-        self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int
+        self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int, t: Tensor | float | None
     ) -> Tensor | None:
         parts = []
         for name, c, dim in (("c_text", c_text, self.c_text_dim), ("c_image", c_image, self.c_image_dim)):
@@ -349,6 +418,24 @@ class ProjectedDiscriminator(nn.Module):
             if tuple(c.shape) != (batch, dim):
                 raise ValueError(f"{fn}: {name} must have shape ({batch}, {dim}), got {tuple(c.shape)}")
             parts.append(c)
+        if self.c_noise_dim is None:
+            if t is not None:
+                raise ValueError(f"{fn}: got t but the heads were built with c_noise_dim=None")
+        else:
+            if t is None:
+                raise ValueError(
+                    f"{fn}: t (the noise level the features were drawn at) is required: the heads were built "
+                    f"with c_noise_dim={self.c_noise_dim}"
+                )
+            device = parts[0].device if parts else None
+            t = torch.as_tensor(t, device=device)
+            if t.ndim == 0:
+                t = t.expand(batch)
+            if tuple(t.shape) != (batch,):
+                raise ValueError(f"{fn}: t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+            r = noise_fraction(self._features.schedule, t)  # type: ignore[attr-defined]
+            emb = noise_level_embedding(r, self.c_noise_dim)
+            parts.append(emb.to(parts[0].dtype) if parts else emb)
         return torch.cat(parts, dim=1) if parts else None
 
     # -- module plumbing: keep the backbone frozen, out of state_dict, but moved along ----------
@@ -393,5 +480,5 @@ class ProjectedDiscriminator(nn.Module):
 
     def extra_repr(self) -> str:
         name = type(self._features).__name__
-        dims = f"c_text_dim={self.c_text_dim}, c_image_dim={self.c_image_dim}"
+        dims = f"c_text_dim={self.c_text_dim}, c_image_dim={self.c_image_dim}, c_noise_dim={self.c_noise_dim}"
         return f"features={name} (frozen, not in state_dict), {dims}"

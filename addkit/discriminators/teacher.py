@@ -9,6 +9,23 @@ $$ x_{\\hat t} = \\alpha_{\\hat t}\\, x_0 + \\sigma_{\\hat t}\\, \\epsilon, \\qq
 
 (logit-normal, LADD's $m = 1, s = 1$, biased to high noise), or a fixed $\\hat t$.
 
+**Where the logit-normal lives** (``noise_space``). LADD states $\\pi(\\hat t)$ on the noise
+level of the rectified flow the discriminator sees, $x_{\\hat t} = (1 - \\hat t)\\,x_0 + \\hat t\\,
+\\epsilon$. addkit's default ``noise_space="sigma"`` draws exactly that quantity for any schedule:
+the *noise fraction* $r = \\sigma_t / (\\alpha_t + \\sigma_t)$ (the flow's $\\sigma$; for a VP
+schedule the flow noise level of equal signal-to-noise ratio, $\\log \\mathrm{SNR} =
+-2\\operatorname{logit} r$) is logit-normal, and $t$ is the time where the schedule reaches it.
+``noise_space="time"`` draws the logit-normal in the schedule's own (unshifted) time and maps
+it linearly onto ``t_range``; with a shifted flow schedule the shift then moves the draws to
+higher noise: $\\operatorname{logit}\\sigma = \\operatorname{logit} t + \\ln(\\text{shift})$, so
+SD3's shift 3 turns $m = 1$ into an effective $m = 2.1$.
+
+**Layout** (``layout``). ``"grid"`` (default) keeps each tap on its spatial grid,
+``[B, C, h, w]``: a UNet's feature maps as they are, a diffusion transformer's image tokens
+``[B, N, C]`` put back on their patch grid (row-major, as SD3 and Flux patchify; $h, w$ follow
+from $N$ and the latents' aspect ratio). LADD's heads are 2-D convolutions on that grid;
+``"tokens"`` flattens to ``[B, C, N]`` for StyleGAN-T's 1-D heads.
+
 References:
     Sauer et al., *Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
     Distillation*, arXiv 2403.12015, §3 (teacher features; logit-normal noise levels).
@@ -18,13 +35,16 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from addkit._checks import (
+    check_choice,
     check_finite_inputs,
     check_floating,
     check_ndim,
@@ -44,7 +64,85 @@ from addkit.discriminators.features import (
     to_tokens,
 )
 
-__all__ = ["TeacherFeatures", "sample_logit_normal"]
+__all__ = ["NoiseSpace", "TeacherFeatures", "noise_fraction", "noise_fraction_table", "sample_logit_normal", "to_grid",
+           "time_at_noise_fraction"]
+
+NoiseSpace = Literal["sigma", "time"]
+"""Where ``TeacherFeatures`` draws its logit-normal noise levels: the noise fraction
+$\\sigma_t / (\\alpha_t + \\sigma_t)$ (``"sigma"``) or the schedule's unshifted time (``"time"``)."""
+
+FeatureLayout = Literal["grid", "tokens"]
+
+_GRID_POINTS = 4097  # a continuous schedule's noise fraction is tabulated on this many times
+
+
+def noise_fraction(schedule: Any, t: Tensor) -> Tensor:
+    """$r_t = \\sigma_t / (\\alpha_t + \\sigma_t)$ of ``t`` ``[B]``: rectified flow's $\\sigma$.
+
+    For a VP schedule it is the flow noise level with the same signal-to-noise ratio. Float32 or
+    wider, on ``t``'s device; no host read.
+
+    Examples:
+        >>> from addkit.schedules import FlowSchedule
+        >>> noise_fraction(FlowSchedule(shift=3.0), torch.tensor([0.5]))
+        tensor([0.7500])
+    """
+    a, s = schedule.coefficients(t, t.new_empty(t.shape[0], dtype=torch.float32), fn="noise_fraction")
+    return s / (a + s)
+
+
+def noise_fraction_table(schedule: Any) -> tuple[Tensor, Tensor]:
+    """Times and their noise fractions ``(grid, table)`` (CPU float64), checked to rise with ``t``.
+
+    Every integer timestep of a discrete schedule; 4,097 evenly spaced times of a continuous one.
+
+    Raises:
+        ValueError: if the noise fraction falls anywhere (it cannot be inverted).
+    """
+    low, high = schedule.t_range
+    if schedule.is_discrete:
+        grid = torch.arange(int(low), int(high) + 1, dtype=torch.float64)
+    else:
+        grid = torch.linspace(float(low), float(high), _GRID_POINTS, dtype=torch.float64)
+    table = noise_fraction(schedule, grid.to(schedule.time_dtype)).double().cpu()
+    if not bool((table[1:] >= table[:-1]).all()):
+        raise ValueError(
+            "noise_fraction_table: the schedule's noise fraction sigma / (alpha + sigma) must rise with t "
+            f"to be inverted, got values from {float(table[0]):.4g} to {float(table[-1]):.4g} that fall "
+            "somewhere; use noise_space='time'"
+        )
+    return grid, table
+
+
+def time_at_noise_fraction(
+    schedule: Any, r: Tensor, *, table: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """The time ``t`` ``[B]`` (schedule units and dtype) at which ``schedule`` reaches noise fraction ``r``.
+
+    Inverts [`noise_fraction`][addkit.discriminators.teacher.noise_fraction]: the nearest
+    integer timestep of a discrete schedule, linear interpolation between 4,097 times of a
+    continuous one (``r`` outside the schedule's range is clamped to it). No host read.
+
+    Args:
+        schedule: the schedule.
+        r: noise fractions ``[B]`` in ``[0, 1]``.
+        table: [`noise_fraction_table`][addkit.discriminators.teacher.noise_fraction_table]'s
+            result, on ``r``'s device, when the caller keeps one; built here otherwise.
+
+    Examples:
+        >>> from addkit.schedules import FlowSchedule
+        >>> time_at_noise_fraction(FlowSchedule(shift=3.0), torch.tensor([0.75]))
+        tensor([0.5000])
+    """
+    grid, frac = table if table is not None else noise_fraction_table(schedule)
+    grid, frac = grid.to(r.device), frac.to(r.device)
+    r = torch.minimum(torch.maximum(r.double(), frac[0]), frac[-1])
+    i = torch.searchsorted(frac, r).clamp(1, len(grid) - 1)
+    lo, hi = frac[i - 1], frac[i]
+    w = ((r - lo) / (hi - lo).clamp_min(1e-300)).clamp(0, 1)
+    if schedule.is_discrete:
+        return torch.where(w < 0.5, grid[i - 1], grid[i]).to(schedule.time_dtype)
+    return (grid[i - 1] + w * (grid[i] - grid[i - 1])).to(schedule.time_dtype)
 
 
 def sample_logit_normal(
@@ -86,14 +184,17 @@ class TeacherFeatures(FrozenFeatures):
 
     Each call draws a noise level (or uses a fixed or given one), noises the input with
     ``schedule.add_noise``, runs the teacher with hooks on the ``taps`` (registered and
-    removed inside the call, even on error) and returns each tap as tokens ``[B, C, N]``:
-    4-D feature maps ``[B, C, H, W]`` are flattened, 3-D token outputs ``[B, N, C]``
-    transposed. With ``stop_early`` the teacher stops after the last tap fires (a UNet tapped
-    at its mid block skips the decoder).
+    removed inside the call, even on error) and returns each tap on its grid ``[B, C, h, w]``
+    (``layout="grid"``: feature maps as they are, transformer tokens ``[B, N, C]`` put back
+    on the latents' patch grid) or as tokens ``[B, C, N]`` (``layout="tokens"``). With
+    ``stop_early`` the teacher stops after the last tap fires (a UNet tapped at its mid block
+    skips the decoder).
 
-    Timesteps are in the schedule's units: a drawn $\\hat t \\in (0, 1)$ is mapped linearly
-    onto the schedule's ``t_range`` (``round(t * (T - 1))`` for a discrete schedule, ``t``
-    itself for rectified flow).
+    Timesteps are in the schedule's units. A logit-normal draw $u \\in (0, 1)$ is the noise
+    fraction $\\sigma_t / (\\alpha_t + \\sigma_t)$ reached at the returned time
+    (``noise_space="sigma"``, default) or is mapped linearly onto ``t_range``
+    (``noise_space="time"``: ``round(u * (T - 1))`` for a discrete schedule, ``u`` itself for
+    rectified flow); see the module notes.
 
     Args:
         teacher: the module whose submodules are tapped; frozen in place.
@@ -106,6 +207,11 @@ class TeacherFeatures(FrozenFeatures):
         t: a fixed noise level for every sample (schedule units), or ``None`` to sample.
         logit_mean: $m$ of the logit-normal (LADD: 1).
         logit_std: $s$ of the logit-normal (LADD: 1).
+        noise_space: ``"sigma"`` (default: the logit-normal is the noise level the
+            discriminator sees, as LADD states it) or ``"time"`` (the schedule's unshifted
+            time, addkit < 0.4's behaviour).
+        layout: ``"grid"`` (default: ``[B, C, h, w]`` per tap, for 2-D heads) or ``"tokens"``
+            (``[B, C, N]``, for StyleGAN-T's 1-D heads).
         select: maps a tapped submodule's raw output to a tensor (default: the tensor, or a
             tuple's first item).
         stop_early: cut the teacher's forward short once every tap has fired.
@@ -118,7 +224,8 @@ class TeacherFeatures(FrozenFeatures):
 
     Raises:
         TypeError: if ``schedule`` has no ``add_noise``.
-        ValueError: for a tap the teacher lacks, or channels of the wrong length.
+        ValueError: for a tap the teacher lacks, channels of the wrong length, or
+            ``noise_space="sigma"`` on a schedule whose noise fraction does not rise with ``t``.
 
     Examples:
         >>> from addkit.schedules import FlowSchedule
@@ -126,7 +233,7 @@ class TeacherFeatures(FrozenFeatures):
         >>> feats = TeacherFeatures(net, FlowSchedule(), ["0"], channels=[8],
         ...                         call=lambda x_t, t: net(x_t), t=0.5)
         >>> [tuple(f.shape) for f in feats(torch.randn(2, 4, 6, 6))]
-        [(2, 8, 36)]
+        [(2, 8, 6, 6)]
     """
 
     def __init__(
@@ -140,6 +247,8 @@ class TeacherFeatures(FrozenFeatures):
         t: float | None = None,
         logit_mean: float = 1.0,
         logit_std: float = 1.0,
+        noise_space: NoiseSpace = "sigma",
+        layout: FeatureLayout = "grid",
         select: Callable[[Any], Tensor] = default_select,
         stop_early: bool = True,
         freeze: bool = True,
@@ -161,6 +270,8 @@ class TeacherFeatures(FrozenFeatures):
             )
         check_positive(fn, "logit_std", logit_std)
         check_number(fn, "logit_mean", logit_mean)
+        check_choice(fn, "noise_space", noise_space, ("sigma", "time"))
+        check_choice(fn, "layout", layout, ("grid", "tokens"))
         for name, f in (("call", call), ("select", select)):
             if f is not None:
                 check_callable(fn, name, f)
@@ -173,6 +284,10 @@ class TeacherFeatures(FrozenFeatures):
         self.t = t
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
+        self.noise_space: NoiseSpace = noise_space
+        self.layout: FeatureLayout = layout
+        self._table = noise_fraction_table(schedule) if noise_space == "sigma" and t is None else None
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.select = select
         self.stop_early = stop_early
         self.frozen = bool(freeze)
@@ -194,7 +309,8 @@ class TeacherFeatures(FrozenFeatures):
         """Noise levels ``[B]`` in schedule units: the fixed ``t`` or logit-normal draws.
 
         Use it to draw $\\hat t$ yourself when the heads are also conditioned on it, then
-        pass ``t=`` to the call.
+        pass ``t=`` to the call (a noise-conditioned
+        [`ProjectedDiscriminator`][addkit.discriminators.projected.ProjectedDiscriminator] does).
         """
         check_positive_int("TeacherFeatures.sample_t", "batch_size", batch_size)
         dtype = self.schedule.time_dtype
@@ -203,6 +319,11 @@ class TeacherFeatures(FrozenFeatures):
         u = sample_logit_normal(
             batch_size, mean=self.logit_mean, std=self.logit_std, generator=generator, device=device
         )
+        if self._table is not None:
+            dev = u.device
+            if dev not in self._tables:
+                self._tables[dev] = (self._table[0].to(dev), self._table[1].to(dev))
+            return time_at_noise_fraction(self.schedule, u, table=self._tables[dev])
         low, high = self.schedule.t_range
         t = low + (high - low) * u.double()
         return t.round().to(dtype) if self.schedule.is_discrete else t.to(dtype)
@@ -216,7 +337,7 @@ class TeacherFeatures(FrozenFeatures):
         generator: torch.Generator | None = None,
         **cond: Any,
     ) -> list[Tensor]:
-        """Token features ``[B, C_i, N_i]`` of the teacher on re-noised ``latents``.
+        """Features of the teacher's taps on re-noised ``latents``, one per tap.
 
         Args:
             latents: clean samples ``[B, C, ...]`` (any channel count), real or generated.
@@ -227,7 +348,12 @@ class TeacherFeatures(FrozenFeatures):
             **cond: passed to the teacher (e.g. ``encoder_hidden_states``).
 
         Returns:
-            One ``[B, C_i, N_i]`` tensor per tap, in ``taps`` order.
+            One tensor per tap, in ``taps`` order: ``[B, C_i, h_i, w_i]`` (``layout="grid"``)
+            or ``[B, C_i, N_i]`` (``"tokens"``).
+
+        Raises:
+            ValueError: with ``layout="grid"``, for a token tap whose count does not tile the
+                latents' grid (``N = (H / p) (W / p)`` for an integer patch size ``p``).
         """
         fn = "TeacherFeatures"
         check_floating(fn, "latents", latents)
@@ -244,4 +370,41 @@ class TeacherFeatures(FrozenFeatures):
                 self.teacher(x_t, t, **cond)
             else:
                 self.call(x_t, t, **cond)
-        return [to_tokens(out[name], fn=fn, name=f"tap {name!r}") for name in self.taps]
+        if self.layout == "tokens":
+            return [to_tokens(out[name], fn=fn, name=f"tap {name!r}") for name in self.taps]
+        return [to_grid(out[name], latents.shape, fn=fn, name=f"tap {name!r}") for name in self.taps]
+
+
+def to_grid(x: Tensor, latent_shape: Sequence[int], *, fn: str = "to_grid", name: str = "feature") -> Tensor:
+    """A tap's output on its spatial grid ``[B, C, h, w]``.
+
+    A feature map ``[B, C, h, w]`` is returned as it is. Tokens ``[B, N, C]`` of latents
+    ``[B, c, H, W]`` are put back on the patch grid, row-major (SD3's and Flux's patch order):
+    ``p = sqrt(H W / N)`` must be an integer dividing ``H`` and ``W``.
+
+    Examples:
+        >>> tokens = torch.arange(12.0).view(1, 6, 2)        # 6 tokens of 2 channels
+        >>> to_grid(tokens, (1, 4, 4, 6))[0, 0]             # 4x6 latents, patch 2: a 2x3 grid
+        tensor([[ 0.,  2.,  4.],
+                [ 6.,  8., 10.]])
+    """
+    if x.ndim == 4:
+        return x
+    if x.ndim != 3:
+        raise ValueError(
+            f"{fn}: {name} must be tokens [B, N, C] or a feature map [B, C, h, w] for layout='grid', "
+            f"got shape {tuple(x.shape)}; use layout='tokens'"
+        )
+    if len(latent_shape) != 4:
+        raise ValueError(
+            f"{fn}: layout='grid' puts tokens on the latents' [H, W] grid, so latents must be [B, C, H, W], "
+            f"got shape {tuple(latent_shape)}; use layout='tokens'"
+        )
+    H, W, N = int(latent_shape[2]), int(latent_shape[3]), int(x.shape[1])
+    p = round(math.sqrt(H * W / N)) if N else 0
+    if p < 1 or H % p or W % p or (H // p) * (W // p) != N:
+        raise ValueError(
+            f"{fn}: {name} has {N} tokens, which is not a patch grid of latents {H}x{W} "
+            f"(N = (H / p) (W / p) for an integer patch size p); select the image tokens only, or use layout='tokens'"
+        )
+    return rearrange(x, "b (h w) c -> b c h w", h=H // p, w=W // p)

@@ -411,6 +411,8 @@ class R1Features:
     the features leaves that require grad, runs the heads through
     ``discriminator(features=...)`` (so a DDP wrapper synchronises the heads' gradients) and
     differentiates w.r.t. the features: the double backward never enters the feature network.
+    A noise-conditioned discriminator (``noise_conditioned``, e.g. LADD's heads) draws one
+    ``t`` (unless ``feature_kwargs`` holds one) for both the features and the heads.
 
     Examples:
         >>> from addkit.discriminators import ProjectedDiscriminator, TappedFeatures
@@ -439,10 +441,13 @@ class R1Features:
                 f"(addkit.typing.Discriminator, e.g. ProjectedDiscriminator), got {type(discriminator).__name__}; "
                 f"use R1Images or ApproximateR1 (r1_placement='images' or 'approximate') for other discriminators"
             )
-        feats = [
-            f.detach().requires_grad_(True)
-            for f in extract(real, generator=generator, **(feature_kwargs or {}))
-        ]
+        fk = dict(feature_kwargs or {})
+        inner = unwrap_module(discriminator)
+        if getattr(inner, "noise_conditioned", False):  # one noise level for the features and the heads
+            if fk.get("t") is None:
+                fk["t"] = inner.sample_t(real.shape[0], generator=generator, device=real.device)
+            cond = {**cond, "t": fk["t"]}
+        feats = [f.detach().requires_grad_(True) for f in extract(real, generator=generator, **fk)]
         logits = discriminator(features=feats, per_head=True, **cond)
         return logits, r1_penalty(logits, feats)
 

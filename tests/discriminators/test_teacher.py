@@ -47,7 +47,11 @@ def test_unet_features_and_no_hooks_left(unet: nn.Module) -> None:
     feats = TeacherFeatures(unet, VPSchedule.scaled_linear(), TAPS, channels=[32, 64, 64])
     g = torch.Generator().manual_seed(0)
     out = feats(torch.randn(2, 4, 16, 16), generator=g, encoder_hidden_states=torch.randn(2, 7, 32))
-    assert [tuple(f.shape) for f in out] == [(2, 32, 64), (2, 64, 64), (2, 64, 64)]
+    assert [tuple(f.shape) for f in out] == [(2, 32, 8, 8), (2, 64, 8, 8), (2, 64, 8, 8)]  # on their grid
+    tokens = TeacherFeatures(unet, VPSchedule.scaled_linear(), TAPS, channels=[32, 64, 64], layout="tokens")
+    again = tokens(torch.randn(2, 4, 16, 16), generator=torch.Generator().manual_seed(0),
+                   encoder_hidden_states=torch.randn(2, 7, 32))  # fmt: skip
+    assert [tuple(f.shape) for f in again] == [(2, 32, 64), (2, 64, 64), (2, 64, 64)]
     assert _no_hooks(unet)
     assert not feats.training and not unet.training
 
@@ -107,16 +111,18 @@ def test_transformer_tokens_any_channel_count_flow_schedule() -> None:
     net = _TokenNet(in_channels=16)
     feats = TeacherFeatures(net, FlowSchedule(), ["blocks.0", "blocks.2"], channels=[24, 24])
     out = feats(torch.randn(3, 16, 4, 6))
-    assert [tuple(f.shape) for f in out] == [(3, 24, 24), (3, 24, 24)]  # [B, N, C] -> [B, C, N]
+    assert [tuple(f.shape) for f in out] == [(3, 24, 4, 6), (3, 24, 4, 6)]  # [B, N, C] -> [B, C, h, w]
+    feats = TeacherFeatures(net, FlowSchedule(), ["blocks.0"], channels=[24], layout="tokens")
+    assert tuple(feats(torch.randn(3, 16, 4, 6))[0].shape) == (3, 24, 24)  # [B, N, C] -> [B, C, N]
     assert _no_hooks(net)
 
 
 def test_sample_t_discrete_and_continuous() -> None:
     net = _TokenNet(4)
-    vp = TeacherFeatures(net, VPSchedule.scaled_linear(), ["blocks.0"], channels=[24])
+    vp = TeacherFeatures(net, VPSchedule.scaled_linear(), ["blocks.0"], channels=[24], noise_space="time")
     t = vp.sample_t(1000, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
-    assert 650 < float(t.float().mean()) < 750  # logit-normal(1, 1) leans to high noise
+    assert 650 < float(t.float().mean()) < 750  # logit-normal(1, 1) in time leans to high noise
     flow = TeacherFeatures(net, FlowSchedule(), ["blocks.0"], channels=[24], t=0.25)
     assert torch.equal(flow.sample_t(3), torch.full((3,), 0.25))
     u = sample_logit_normal(20_000, mean=0.0, std=1.0, generator=torch.Generator().manual_seed(0))
