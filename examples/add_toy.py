@@ -3,6 +3,7 @@
     python examples/add_toy.py            # full study, ~25 min on 2 CPU cores
     python examples/add_toy.py --quick    # < 3 min: teacher + one ADD student
     python examples/add_toy.py --flow     # a rectified-flow teacher and its ADD / LADD students
+    python examples/add_toy.py --ladd-probe --out outputs/add_toy_flow   # LADD's discriminator alone
 
 See ``examples/toy/`` for the parts and ``docs/results.md`` for the numbers.
 """

@@ -73,7 +73,7 @@ def save_grid(path: Path, images: torch.Tensor, columns: int) -> Path:
 def feature_distance(disc: Any, x: torch.Tensor, **kwargs: Any) -> float:
     """Mean pairwise L2 distance of ``x``'s samples in the discriminator's features.
 
-    Features: per tap, the mean over tokens; taps concatenated; no augmentation (eval mode).
+    Features: per tap, the mean over tokens (or grid positions); taps concatenated; no augmentation (eval mode).
     A collapse of diversity (the most reported failure of distilled models) drives it towards 0.
     """
     was_training = disc.training
@@ -82,7 +82,7 @@ def feature_distance(disc: Any, x: torch.Tensor, **kwargs: Any) -> float:
         feats = disc.extract(x, generator=torch.Generator(x.device).manual_seed(0), **kwargs)
     finally:
         disc.train(was_training)
-    vec = torch.cat([f.float().mean(dim=2) for f in feats], dim=1)
+    vec = torch.cat([f.float().flatten(2).mean(dim=2) for f in feats], dim=1)  # tokens or a grid
     return float(torch.pdist(vec).mean())
 
 

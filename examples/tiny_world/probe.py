@@ -88,10 +88,11 @@ class World:
         with torch.no_grad():
             return vae_encode(self.parts.vae, images)
 
-    def teacher(self, **kwargs: Any) -> addkit.ProjectedDiscriminator:
+    def teacher(self, *, c_noise_dim: int | None = None, **kwargs: Any) -> addkit.ProjectedDiscriminator:
         """LADD's discriminator: the frozen teacher UNet's last down block and mid block on re-noised
         latents (``addkit.TeacherFeatures``; ``kwargs`` such as ``t=`` or ``logit_mean=`` go to it),
-        text conditioning only; the UNet runs on the zero (empty-prompt) embedding, as the recipe's."""
+        2-D heads on the feature maps, text conditioning (and the noise level with ``c_noise_dim``);
+        the UNet runs on the zero (empty-prompt) embedding, as the recipe's."""
         unet = self.parts.unet
         config = unet.config
 
@@ -107,7 +108,7 @@ class World:
         features = addkit.TeacherFeatures(
             unet, addkit.VPSchedule.scaled_linear(), taps, channels=channels, call=call, **kwargs
         )
-        return addkit.ProjectedDiscriminator(features, c_text_dim=32)
+        return addkit.ProjectedDiscriminator(features, c_text_dim=32, c_noise_dim=c_noise_dim)
 
     def dinov2(self, **kwargs: Any) -> addkit.ProjectedDiscriminator:
         """The recipe's discriminator: ``from_dinov2`` on the shipped ViT, text + image conditioning."""

@@ -56,7 +56,9 @@ def _gan_head(fake_unet: nn.Module, norm: str = "batch") -> ProjectedDiscriminat
     def call(x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> object:
         return fake_unet(x_t, t, class_labels=class_labels)
 
-    feats = TeacherFeatures(fake_unet, sched, ["mid_block"], channels=[channels], call=call, freeze=False)
+    feats = TeacherFeatures(  # token heads: docs/results.md's DMD2 rows were measured with them
+        fake_unet, sched, ["mid_block"], channels=[channels], call=call, freeze=False, layout="tokens"
+    )
     return ProjectedDiscriminator(feats, norm=norm, virtual_batch_size=8)
 
 

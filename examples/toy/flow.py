@@ -31,8 +31,9 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -144,44 +145,61 @@ def euler_sample(denoiser: object, labels: Tensor, steps: int, generator: torch.
     return x0.clamp(-1, 1)
 
 
-def ladd_discriminator(teacher: nn.Module, logit_mean: float = 1.0) -> ProjectedDiscriminator:
+HeadKind = Literal["grid", "tokens"]
+
+
+def ladd_discriminator(
+    teacher: nn.Module, logit_mean: float = 1.0, *, heads: HeadKind = "grid", t: float | None = None
+) -> ProjectedDiscriminator:
     """LADD's discriminator: heads on the flow teacher's taps, conditioned on the class (one-hot).
 
-    The noise level is logit-normal with mean ``logit_mean`` (LADD: 1) and std 1.
+    The noise level is logit-normal with mean ``logit_mean`` and std 1 (LADD: m = 1), or fixed at
+    ``t``. ``heads="grid"`` (LADD's): 2-D heads on each tap's feature map with per-sample
+    normalisation, conditioned on the noise level too. ``heads="tokens"``: this study's first LADD
+    rows, StyleGAN-T's 1-D heads (circular kernel 9 over the flattened map, local batch norm) that
+    are not told the noise level.
     """
     channels = [UNET_CONFIG["block_out_channels"][0]] + [UNET_CONFIG["block_out_channels"][-1]] * 2
     features = TeacherFeatures(
-        teacher, schedule(), list(TEACHER_TAPS), channels=channels, logit_mean=logit_mean
+        teacher, schedule(), list(TEACHER_TAPS), channels=channels, logit_mean=logit_mean, t=t, layout=heads
     )
-    # the study's numbers (docs/results.md) were measured with StyleGAN-T's heads
-    return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES, norm="batch")
+    if heads == "tokens":
+        return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES, norm="batch")
+    return ProjectedDiscriminator(features, c_text_dim=NUM_CLASSES, c_noise_dim=16 if t is None else None)
+
+
+@dataclass(frozen=True)
+class LaddConfig:
+    """LADD's discriminator in the toy: the noise levels' logit-normal mean and the heads."""
+
+    logit_mean: float = 1.0
+    heads: HeadKind = "grid"
 
 
 def distill_flow(
-    teacher: nn.Module, disc_net: Classifier, cfg: RunConfig, *, ladd_mean: float | None, log=print
+    teacher: nn.Module, disc_net: Classifier, cfg: RunConfig, *, ladd: LaddConfig | None, log=print
 ) -> tuple[nn.Module, dict[str, list[float]]]:
     """ADD or LADD student of the flow teacher; returns it (eval) and per-step logs.
 
     Args:
-        ladd_mean: ``None`` for ADD; for LADD, the mean of the logit-normal noise levels its
-            discriminator draws (LADD: 1).
+        ladd: ``None`` for ADD; for LADD, its discriminator's noise levels and heads.
     """
-    ladd = ladd_mean is not None
+    is_ladd = ladd is not None
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     sched, data = schedule(), load_digits_split("train")
     student_net = copy.deepcopy(teacher).train().requires_grad_(True)
     student = wrap(student_net, sched, PREDICTION)
     D = (
-        ladd_discriminator(teacher, ladd_mean)
-        if ladd
+        ladd_discriminator(teacher, ladd.logit_mean, heads=ladd.heads)
+        if ladd is not None
         else make_discriminator(disc_net, cfg.d_conditioning, cfg.augment)
     )
     objective = ADDObjective(
         wrap(teacher, sched, PREDICTION),
         D,
         sched,
-        lambda_distill=0.0 if ladd else cfg.lambda_distill,
+        lambda_distill=0.0 if is_ladd else cfg.lambda_distill,
         weighting=cfg.weighting,
         space="latent",
         discriminator_sees="latents",
@@ -197,8 +215,8 @@ def distill_flow(
         cond = {"class_labels": y}
         c_text = F.one_hot(y, NUM_CLASSES).float()
         with torch.no_grad():
-            c_image = None if ladd else disc_net.features(x0)
-        feature_kwargs = cond if ladd else None  # the teacher's features, conditioned on the class
+            c_image = None if is_ladd else disc_net.features(x0)
+        feature_kwargs = cond if is_ladd else None  # the teacher's features, conditioned on the class
         inp = objective.sample_student_inputs(x0, generator=g)
         D.requires_grad_(False)
         student_x0 = student.x0(inp.x_t, inp.t, **cond)
@@ -241,18 +259,18 @@ def cached_flow_student(
     disc_net: Classifier,
     cfg: RunConfig,
     *,
-    ladd_mean: float | None,
+    ladd: LaddConfig | None,
     teacher_steps: int,
     log=print,
 ) -> tuple[nn.Module, dict[str, list[float]]]:
     """``distill_flow``'s student from ``out_dir``, or trained and saved (a killed study resumes)."""
-    config = {"run": asdict(cfg), "ladd": ladd_mean is not None, "teacher_steps": teacher_steps, "v": 1}
-    if ladd_mean not in (None, 1.0):
-        config["ladd_mean"] = ladd_mean
+    config = {"run": asdict(cfg), "ladd": ladd is not None, "teacher_steps": teacher_steps, "v": 1}
+    if ladd is not None:
+        config["ladd_config"] = asdict(ladd)
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
     def train() -> tuple[nn.Module, dict]:
-        student, logs = distill_flow(teacher, disc_net, cfg, ladd_mean=ladd_mean, log=log)
+        student, logs = distill_flow(teacher, disc_net, cfg, ladd=ladd, log=log)
         return student, {"logs": logs}
 
     path = Path(out_dir) / f"flow-student-{cfg.name}-s{cfg.seed}-{key}.pt"
@@ -260,12 +278,19 @@ def cached_flow_student(
     return student, dict(extra["logs"])
 
 
+LADD_MEAN = -1.0
+"""The toy LADD rows' logit-normal mean: chosen on the discriminator-only probes
+(``examples/toy/ladd_probe.py``, docs/results.md), where LADD's m = 1 leaves an 8×8 image too
+noisy for the teacher's features to tell the student's one-step output from data."""
+
+
 def flow_runs(
     base: RunConfig, main_seeds: tuple[int, ...], ablation_seeds: tuple[int, ...]
-) -> list[tuple[str, RunConfig, float | None, tuple[int, ...]]]:
-    """(row label, run config, LADD's logit mean or None for ADD, seeds) of the flow students."""
+) -> list[tuple[str, RunConfig, LaddConfig | None, tuple[int, ...]]]:
+    """(row label, run config, LADD's discriminator or None for ADD, seeds) of the flow students."""
     return [
         ("ADD (flow teacher)", replace(base, name="flow_add"), None, main_seeds),
-        ("LADD (flow teacher, teacher features)", replace(base, name="flow_ladd"), 1.0, main_seeds),
-        ("LADD, lower noise levels (m = −1)", replace(base, name="flow_ladd_low"), -1.0, ablation_seeds),
-    ]
+        (f"LADD (grid heads told t̂, m = {LADD_MEAN:g})", replace(base, name="flow_ladd_grid"),
+         LaddConfig(LADD_MEAN), main_seeds),
+        ("LADD, LADD's m = 1", replace(base, name="flow_ladd_grid_m1"), LaddConfig(1.0), ablation_seeds),
+    ]  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +36,11 @@ from .sampling import student_sample
 from .study import _aggregate, _eval_labels, markdown_table
 
 
-def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
-    """Teacher rows (Euler, ``cfg.teacher_step_counts``) and the flow ADD / LADD rows; see the module docs."""
+def run_flow_study(cfg: object, out: Path, *, only: tuple[str, ...] | None = None, log=print) -> dict:
+    """Teacher rows (Euler, ``cfg.teacher_step_counts``) and the flow ADD / LADD rows; see the module docs.
+
+    ``only``: run names (``flow_runs``) to train and score; the others are left out of the table.
+    """
     out, start = Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     disc_net, _ = cached_classifier(out, 16, 0, cfg.classifier_steps, log=log)
@@ -62,8 +65,8 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
         )
     curves = {"flow teacher: velocity loss": {"loss": teacher_losses}}
     runs = flow_runs(RunConfig(steps=cfg.distill_steps), cfg.main_seeds, cfg.ablation_seeds)
-    for label, run, ladd_mean, seeds in runs:
-        if not seeds:
+    for label, run, ladd, seeds in runs:
+        if not seeds or (only is not None and run.name not in only):
             continue
         per_steps: dict[int, list[dict[str, float]]] = {1: [], 4: []}
         for seed in seeds:
@@ -72,7 +75,7 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
                 teacher_net,
                 disc_net,
                 replace(run, seed=seed),
-                ladd_mean=ladd_mean,
+                ladd=ladd,
                 teacher_steps=cfg.teacher_steps,
                 log=log,
             )
@@ -93,7 +96,7 @@ def run_flow_study(cfg: object, out: Path, *, log=print) -> dict:
                     "row": label,
                     "run": run.name,
                     "steps": n,
-                    "config": {**config_dict(run), "ladd_logit_mean": ladd_mean},
+                    "config": {**config_dict(run), "ladd": None if ladd is None else asdict(ladd)},
                     "metrics": _aggregate(per_steps[n]),
                 }
             )

@@ -215,7 +215,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: ``python examples/add_toy.py [--quick] [--out DIR] [--threads N] [--distill-steps N]``.
+    """Command line: ``python examples/add_toy.py [--quick] [--out DIR] [--threads N] [--distill-steps N]``
+    with ``--dmd``, ``--flow`` or ``--ladd-probe`` for one part of the study.
 
     ``--distill-steps`` shortens every student run (the DMD2 rows in docs/results.md used 100).
     """
@@ -238,6 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="only the rectified-flow teacher and its ADD / LADD rows (results_flow.json, table_flow.md)",
     )
     parser.add_argument(
+        "--flow-only", nargs="+", default=None, metavar="RUN",
+        help="with --flow: only these student runs (flow_add, flow_ladd_grid, flow_ladd_grid_m1)",
+    )
+    parser.add_argument(
+        "--ladd-probe",
+        action="store_true",
+        help="only the discriminator-only probes of LADD's heads on the flow teacher (ladd_probe.json, .md)",
+    )
+    parser.add_argument(
         "--distill-steps", type=int, default=None, help="student training steps (default: the study's 300)"
     )
     args = parser.parse_args(argv)
@@ -250,8 +260,12 @@ def main(argv: list[str] | None = None) -> dict:
         from .dmd import run_dmd_study
 
         return run_dmd_study(cfg, args.out)
+    if args.ladd_probe:
+        from .ladd_probe import run_probes
+
+        return run_probes(args.out, seeds=cfg.main_seeds, teacher_steps=cfg.teacher_steps)
     if args.flow:
         from .flow_study import run_flow_study
 
-        return run_flow_study(cfg, args.out)
+        return run_flow_study(cfg, args.out, only=None if args.flow_only is None else tuple(args.flow_only))
     return run_study(cfg, args.out)

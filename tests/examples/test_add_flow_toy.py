@@ -20,6 +20,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
+from toy.flow import LADD_MEAN  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "add_toy.py"
 
 
@@ -37,14 +39,13 @@ def test_quick_flow_study_writes_every_row(tmp_path: Path) -> None:
         (r["row"], r["steps"]): r["metrics"]
         for r in json.loads((tmp_path / "results_flow.json").read_text())["rows"]
     }
+    ladd = f"LADD (grid heads told t̂, m = {LADD_MEAN:g})"
     expected = {("flow teacher (Euler)", 4), ("flow teacher (Euler)", 1)}
-    expected |= {
-        (name, n) for name in ("ADD (flow teacher)", "LADD (flow teacher, teacher features)") for n in (1, 4)
-    }
+    expected |= {(name, n) for name in ("ADD (flow teacher)", ladd) for n in (1, 4)}
     assert set(rows) == expected
     assert all(math.isfinite(m[k]["mean"]) for m in rows.values() for k in ("fd", "acc", "div"))
     assert rows[("flow teacher (Euler)", 4)]["fd"]["mean"] < rows[("flow teacher (Euler)", 1)]["fd"]["mean"]
-    for name in ("ADD (flow teacher)", "LADD (flow teacher, teacher features)"):
+    for name in ("ADD (flow teacher)", ladd):
         assert rows[(name, 1)]["acc"]["mean"] > 0.5
     for png in ("samples_flow.png", "curves_flow.png"):
         assert (tmp_path / png).stat().st_size > 0

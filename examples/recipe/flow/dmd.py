@@ -43,6 +43,8 @@ def gan_head(
         select=fm.image_tokens,
         logit_mean=args.disc_logit_mean,
         logit_std=args.disc_logit_std,
+        noise_space=args.disc_noise_space,
+        layout="tokens",  # DMD2's head as the SDXL recipe's (measured on tokens)
         freeze=False,
     )
     with torch.random.fork_rng(devices=[]):

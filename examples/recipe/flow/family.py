@@ -60,6 +60,9 @@ class FlowFamily:
         g.add_argument("--disc-logit-mean", type=number(), default=1.0,
                        help="LADD noise level: t = sigmoid(m + s xi) (m = 1)")
         g.add_argument("--disc-logit-std", type=number(0, open_low=True), default=1.0)
+        g.add_argument("--disc-noise-space", choices=("sigma", "time"), default="sigma",
+                       help="where the logit-normal lives: the noise level sigma the teacher sees (LADD), "
+                            "or the unshifted time (shifted after: SD3's shift 3 makes m = 1 an effective 2.1)")
         # fmt: on
 
     def defaults(self, args: argparse.Namespace) -> dict[str, Any]:

@@ -228,6 +228,10 @@ def image_tokens(output: Any) -> torch.Tensor:
     return output[1]
 
 
+NOISE_DIM = 64
+"""Width of the noise-level embedding LADD's heads are conditioned on."""
+
+
 def build_discriminator(
     args: argparse.Namespace, models: FlowModels, teacher: Any, dinov2: dict[str, Any] | None = None
 ) -> addkit.ProjectedDiscriminator:
@@ -255,8 +259,10 @@ def build_discriminator(
                 select=image_tokens,
                 logit_mean=args.disc_logit_mean,
                 logit_std=args.disc_logit_std,
+                noise_space=args.disc_noise_space,
             )
-            return addkit.ProjectedDiscriminator(features, c_text_dim=models.pooled_dim)
+            # LADD: 2-D heads on each tapped block's patch grid, told the noise level and the caption
+            return addkit.ProjectedDiscriminator(features, c_text_dim=models.pooled_dim, c_noise_dim=NOISE_DIM)
         augment = addkit.DiffAugment() if args.augment else None
         if dinov2 is None and args.preset == "tiny":
             from addkit.testing import tiny_dinov2_kwargs

@@ -181,8 +181,9 @@ def gan_head(args: argparse.Namespace, models: m.Models, fake: dmd.FakeScore) ->
     unet = models.unet
     encoder = models.text_encoders[-1].config
     pooled_dim = encoder.projection_dim if models.sdxl else encoder.hidden_size
-    features = m.unet_features(
-        fake.network, models, ["mid_block"], channels=[unet.config.block_out_channels[-1]], freeze=False
+    features = m.unet_features(  # token heads, as the tiny world's DMD2 row was measured
+        fake.network, models, ["mid_block"], channels=[unet.config.block_out_channels[-1]], freeze=False,
+        layout="tokens",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 2)

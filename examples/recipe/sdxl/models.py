@@ -315,7 +315,9 @@ def build_discriminator(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 2)
         if args.discriminator == "teacher":
-            return addkit.ProjectedDiscriminator(teacher_features(args, models), c_text_dim=pooled_dim)
+            # LADD: 2-D heads on the feature maps, told the noise level and the caption
+            features = teacher_features(args, models)
+            return addkit.ProjectedDiscriminator(features, c_text_dim=pooled_dim, c_noise_dim=NOISE_DIM)
         augment = addkit.DiffAugment() if args.augment else None
         kwargs = {"c_text_dim": pooled_dim, "c_image_dim": c_image_dim, "augment": augment}
         try:
@@ -333,6 +335,10 @@ def dinov2_network(args: argparse.Namespace) -> dict[str, Any]:
     return {"model_name": args.dinov2, "pretrained": args.dinov2_weights or True, "resolution": args.dinov2_resolution}
 
 
+NOISE_DIM = 64
+"""Width of the noise-level embedding LADD's heads are conditioned on."""
+
+
 def teacher_features(args: argparse.Namespace, models: Models) -> addkit.TeacherFeatures:
     """LADD: the frozen teacher on re-noised latents, tapped at its down and mid blocks."""
     unet = models.unet
@@ -346,7 +352,7 @@ def teacher_features(args: argparse.Namespace, models: Models) -> addkit.Teacher
 
 
 def unet_features(
-    unet: Any, models: Models, taps: list[str], *, channels: list[int], freeze: bool = True
+    unet: Any, models: Models, taps: list[str], *, channels: list[int], freeze: bool = True, layout: str = "grid"
 ) -> addkit.TeacherFeatures:
     """A UNet's features at ``taps`` on re-noised latents (LADD's teacher; DMD2's fake score with ``freeze=False``).
 
@@ -371,4 +377,6 @@ def unet_features(
                 cond["time_ids"] = square_time_ids(side, b, x_t.device).to(x_t.dtype)
         return adapter(x_t, t, **cond)
 
-    return addkit.TeacherFeatures(unet, models.schedule, taps, channels=channels, call=call, freeze=freeze)
+    return addkit.TeacherFeatures(
+        unet, models.schedule, taps, channels=channels, call=call, freeze=freeze, layout=layout  # type: ignore[arg-type]
+    )
