@@ -353,6 +353,11 @@ class FlowSchedule(_Schedule):
     Args:
         shift: the shift $s > 0$ (SD3 uses 3.0; Flux's dynamic shift is $e^{\\mu}$).
         num_train_timesteps: the discretisation diffusers uses (1000).
+        dynamic: the shift is diffusers' resolution-dependent one (``use_dynamic_shifting``,
+            $s = e^{\\mu}$). It changes only where ``timesteps(n, "linspace")`` ends: diffusers
+            ends a dynamic schedule's grid at the unshifted $1/T$ and a fixed one's at the
+            shifted $\\sigma_{1/T}$. [`from_diffusers`][addkit.schedules.FlowSchedule.from_diffusers]
+            sets it.
 
     Examples:
         >>> s = FlowSchedule(shift=3.0)
@@ -365,30 +370,42 @@ class FlowSchedule(_Schedule):
     is_discrete = False
     time_dtype = torch.float32
 
-    def __init__(self, shift: float = 1.0, *, num_train_timesteps: int = 1000) -> None:
+    def __init__(self, shift: float = 1.0, *, num_train_timesteps: int = 1000, dynamic: bool = False) -> None:
         if isinstance(shift, bool) or not isinstance(shift, (int, float)):
             raise TypeError(f"FlowSchedule: shift must be a number, got {type(shift).__name__} {shift!r}")
         if not (shift > 0 and math.isfinite(shift)):
             raise ValueError(f"FlowSchedule: shift must be a finite positive number, got {shift!r}")
+        if not isinstance(dynamic, bool):
+            raise TypeError(f"FlowSchedule: dynamic must be a bool, got {type(dynamic).__name__} {dynamic!r}")
         self.shift = float(shift)
         T = check_positive_int("FlowSchedule", "num_train_timesteps", num_train_timesteps)
         self.num_train_timesteps = T
+        self.dynamic = dynamic
 
     def __repr__(self) -> str:
-        return f"FlowSchedule(shift={self.shift}, num_train_timesteps={self.num_train_timesteps})"
+        dynamic = ", dynamic=True" if self.dynamic else ""
+        return f"FlowSchedule(shift={self.shift}, num_train_timesteps={self.num_train_timesteps}{dynamic})"
 
     @classmethod
     def from_diffusers(cls, scheduler: Any, *, mu: float | None = None) -> FlowSchedule:
         """Read ``shift`` from a diffusers ``FlowMatchEulerDiscreteScheduler``.
+
+        Options that reshape diffusers' inference sigmas beyond the shift (``shift_terminal``,
+        ``invert_sigmas``, ``use_karras_sigmas``, ``use_exponential_sigmas``,
+        ``use_beta_sigmas``) have no counterpart here and are refused rather than ignored.
 
         Args:
             scheduler: the scheduler (its ``config`` is read).
             mu: required when the scheduler uses dynamic (resolution-dependent) shifting;
                 the exponential time shift equals a fixed shift of $e^{\\mu}$.
 
+        Returns:
+            The schedule, ``dynamic`` when the scheduler shifts dynamically.
+
         Raises:
             ValueError: if dynamic shifting is on and ``mu`` is missing, or it uses a
-                shift form other than exponential; or ``mu`` is given for a fixed shift.
+                shift form other than exponential; if ``mu`` is given for a fixed shift;
+                or for an unsupported option (named with its value).
             TypeError: for a scheduler without a ``config`` mapping, or a ``mu`` that is
                 not a number.
         """
@@ -399,6 +416,13 @@ class FlowSchedule(_Schedule):
                 f"{fn}: scheduler must be a diffusers FlowMatchEulerDiscreteScheduler (with a .config), "
                 f"got {type(scheduler).__name__}"
             )
+        for option in _UNSUPPORTED_FLOW_OPTIONS:
+            if cfg.get(option):
+                raise ValueError(
+                    f"{fn}: the scheduler sets {option}={cfg.get(option)!r}, which reshapes its inference "
+                    "sigmas in a way FlowSchedule does not reproduce (its timesteps would not match the "
+                    f"pipeline's): build the scheduler with {option}={_FLOW_OPTION_OFF[option]!r}"
+                )
         T = int(cfg.get("num_train_timesteps", 1000))
         if mu is not None:
             check_number(fn, "mu", mu)
@@ -413,7 +437,7 @@ class FlowSchedule(_Schedule):
             kind = cfg.get("time_shift_type", "exponential")
             if kind != "exponential":
                 raise ValueError(f"{fn}: time_shift_type must be 'exponential', got {kind!r}")
-            return cls(math.exp(mu), num_train_timesteps=T)
+            return cls(math.exp(mu), num_train_timesteps=T, dynamic=True)
         return cls(float(cfg.get("shift", 1.0)), num_train_timesteps=T)
 
     @property
@@ -426,9 +450,17 @@ class FlowSchedule(_Schedule):
         """``n`` inference times in ``(0, 1]``, from high noise to low.
 
         - ``"trailing"``: $t_i = (n - i)/n$, e.g. ``(1, 0.75, 0.5, 0.25)``;
-        - ``"linspace"``: diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps``:
-          ``linspace(1, sigma_min, n)`` where ``sigma_min`` is the *shifted* last training
-          sigma (diffusers shifts that end point twice; kept for parity).
+        - ``"linspace"``: diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)``
+          (``set_timesteps(n, mu=...)`` for a ``dynamic`` schedule): ``linspace(1, t_min, n)``
+          where ``t_min`` is $1/T$ for a dynamic shift and the *shifted* last training sigma
+          $\\sigma_{1/T}$ for a fixed one (diffusers shifts that end point twice; kept for
+          parity).
+
+        Examples:
+            >>> FlowSchedule(shift=3.0).timesteps(2, "linspace")  # ends at sigma(1/T)
+            (1.0, 0.002994)
+            >>> FlowSchedule(shift=3.0, dynamic=True).timesteps(2, "linspace")
+            (1.0, 0.001)
 
         Raises:
             ValueError: for ``"leading"`` (undefined for flow) or unknown spacings, or
@@ -441,7 +473,8 @@ class FlowSchedule(_Schedule):
         if spacing == "trailing":
             ts = [(n - i) / n for i in range(n)]
         else:
-            ts = _np_linspace(1.0, float(self.sigmas[-1]), n)
+            t_min = 1.0 / self.num_train_timesteps if self.dynamic else float(self.sigmas[-1])
+            ts = _np_linspace(1.0, t_min, n)
         return tuple(float(v) for v in ts)
 
     @property
@@ -455,6 +488,16 @@ class FlowSchedule(_Schedule):
         s = self.shift
         sigma = s * t / (1 + (s - 1) * t)
         return 1.0 - sigma, sigma
+
+
+_FLOW_OPTION_OFF = {
+    "shift_terminal": None,
+    "invert_sigmas": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+_UNSUPPORTED_FLOW_OPTIONS = tuple(_FLOW_OPTION_OFF)
 
 
 def _check_betas(fn: str, num_train_timesteps: Any, **numbers: Any) -> None:

@@ -115,6 +115,10 @@ class FixedText:
     def __call__(self, captions: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
         return dict(self.cond), self.pooled
 
+    def fixed(self, caption: str, n: int) -> tuple[dict[str, Any], torch.Tensor]:
+        """A fixed prompt's embeddings (the flow encoder's cached empty / negative prompt)."""
+        return self([caption] * n)
+
 
 def _family(cfg: StepConfig) -> Any:
     try:

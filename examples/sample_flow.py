@@ -11,13 +11,16 @@ at each of the student times ``FlowSchedule.timesteps(steps)`` (the model's shif
 the resolution) and re-noises in between, with fresh noise (``--renoise fresh``, ADD, the
 default) or deterministically (``deterministic``: FlowMatchEuler's step); no classifier-free
 guidance (a guidance-distilled Flux gets its ``--guidance`` embedding); the VAE decodes the
-last x0.
+last x0. The pipeline loads in ``--dtype`` (bf16 by default, as SD3 and Flux are released:
+FLUX.1-dev with its T5 takes about 67 GB in float32, half that in bf16); float16 is refused,
+as the recipe refuses it: their activations overflow it.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,11 +29,11 @@ import addkit
 from addkit.sampling import sample
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Parse ``argv``, sample one image per seed and save a row of them as ``--out``."""
-    from diffusers import DiffusionPipeline
-    from PIL import Image
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docs); ``--dtype fp16`` is refused with the reason."""
     p = argparse.ArgumentParser(description="Few-step sampling of an ADD/LADD flow student")
     p.add_argument("model", help="pipeline folder or hub id")
     p.add_argument("prompt")
@@ -42,26 +45,47 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--resolution", type=int, default=None, help="default: the pipeline's default size")
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weights of every pipeline part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="sample.png")
     args = p.parse_args(argv)
+    if args.dtype == "fp16":
+        p.error("--dtype fp16: SD3 and Flux are trained and released in bf16 and their activations "
+                "overflow float16; use bf16 (or fp32)")  # fmt: skip
+    return args
 
+
+def load_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline in ``--dtype`` on ``--device``, with ``--transformer`` or ``--lora`` if given."""
+    from diffusers import DiffusionPipeline
+
+    dtype = DTYPES[args.dtype]
     parts = {}
     if args.transformer:
         from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
         config = FluxTransformer2DModel.load_config(args.transformer)
         cls = FluxTransformer2DModel if config["_class_name"].startswith("Flux") else SD3Transformer2DModel
-        parts["transformer"] = cls.from_pretrained(args.transformer)
-    pipe = DiffusionPipeline.from_pretrained(args.model, **parts)
+        parts["transformer"] = cls.from_pretrained(args.transformer, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, **parts)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    pipe.to(args.device)
+    return pipe.to(args.device)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse ``argv``, sample one image per seed and save a row of them as ``--out``."""
+    from PIL import Image
+
+    args = parse_args(argv)
+    pipe = load_pipeline(args)
     transformer = pipe.transformer
     guidance = None
     if transformer.config.get("guidance_embeds", False):
         guidance = fm.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     side = args.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    if problem := fm.resolution_problem(side, fm.family(pipe), pipe.vae_scale_factor):
+        raise SystemExit(f"sample_flow.py: error: {problem}")
     schedule = fm.flow_schedule(pipe, side)
     student = addkit.wrap(transformer, schedule, "flow")
     encode = fm.PromptEncoder(pipe, guidance, torch.device(args.device), args.max_sequence_length)

@@ -86,19 +86,50 @@ def test_flow_sigmas_match_diffusers(shift: float) -> None:
     for n in (1, 2, 4, 7, 28):
         ref.set_timesteps(n)
         ours = f.sigma(torch.tensor(f.timesteps(n, "linspace"), dtype=torch.float64))
-        torch.testing.assert_close(ours, ref.sigmas[:-1].double(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours, ref.sigmas[:-1].double(), rtol=0, atol=1e-7)
+        torch.testing.assert_close(1000 * ours, ref.timesteps.double(), rtol=0, atol=1e-4)
 
 
-def test_flow_dynamic_shift_equals_exponential_time_shift() -> None:
+@pytest.mark.parametrize("mu", [-0.3, 0.5, 0.8, 1.15, 1.5])
+@pytest.mark.parametrize("n", [1, 2, 4, 7, 28])
+def test_flow_dynamic_shift_linspace_matches_diffusers(mu: float, n: int) -> None:
     ref = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    mu = 0.8
     f = FlowSchedule.from_diffusers(ref, mu=mu)
-    ref.set_timesteps(5, mu=mu)
-    # in dynamic mode diffusers spaces the unshifted grid linspace(1, 1/T, n), then shifts it
-    ours = f.sigma(torch.linspace(1.0, 1.0 / 1000, 5, dtype=torch.float64))
-    torch.testing.assert_close(ours, ref.sigmas[:-1].double(), rtol=1e-5, atol=1e-6)
+    assert f.dynamic and f.shift == pytest.approx(math.exp(mu))
+    ref.set_timesteps(n, mu=mu)
+    # diffusers spaces the unshifted grid linspace(1, 1/T, n) in dynamic mode, then shifts it once
+    ours = f.sigma(torch.tensor(f.timesteps(n, "linspace"), dtype=torch.float64))
+    torch.testing.assert_close(ours, ref.sigmas[:-1].double(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(1000 * ours, ref.timesteps.double(), rtol=0, atol=1e-4)
+
+
+def test_flow_dynamic_shift_ends_where_flux_at_1024_ends() -> None:
+    # Flux at 1024^2: mu = 1.15, sigma_min = e^mu / (e^mu + 999) = 0.003151
+    # (shifting the end point twice, as for a fixed shift, gave 0.00989)
+    f = FlowSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), mu=1.15)
+    last = float(f.sigma(f.timesteps(4, "linspace")[-1]))
+    assert last == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 999), rel=1e-6)
     with pytest.raises(ValueError, match="pass mu"):
+        FlowSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("shift_terminal", 0.02), ("invert_sigmas", True), ("use_karras_sigmas", True),
+     ("use_exponential_sigmas", True), ("use_beta_sigmas", True)],
+)  # fmt: skip
+def test_flow_from_diffusers_refuses_options_it_cannot_reproduce(option: str, value: object) -> None:
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, **{option: value})
+    ref.set_timesteps(4)  # diffusers' sigmas differ from the plain shift's: ignoring the option is wrong
+    plain = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    plain.set_timesteps(4)
+    assert not torch.allclose(ref.sigmas, plain.sigmas)
+    message = rf"FlowSchedule.from_diffusers: the scheduler sets {option}={value!r}"
+    with pytest.raises(ValueError, match=message):
         FlowSchedule.from_diffusers(ref)
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **{option: value})
+    with pytest.raises(ValueError, match=rf"sets {option}="):
+        FlowSchedule.from_diffusers(dynamic, mu=1.0)
 
 
 def test_from_diffusers_round_trips() -> None:

@@ -93,6 +93,9 @@ class FlowFamily:
 
     def conflicts(self, args: argparse.Namespace) -> list[str]:
         out = []
+        vae_factor = tiny.VAE_FACTOR if args.preset == "tiny" else fm.VAE_FACTOR
+        if problem := fm.resolution_problem(args.resolution, args.model, vae_factor):
+            out.append(problem)
         if args.mixed_precision == "fp16":
             out.append("--mixed-precision fp16: SD3 and Flux are trained and released in bf16 and their "
                        "activations overflow float16; use bf16")  # fmt: skip
@@ -159,7 +162,7 @@ class FlowFamily:
         uncond = fm.unconditional(state.text, cond) if cfg or synth_cfg else None
         negative = None
         if args.weighting == "nfsd":  # NFSD: the negative prompt's prediction, same guidance embedding
-            negative_text, _ = state.text([args.negative_prompt] * len(batch["caption"]))
+            negative_text, _ = state.text.fixed(args.negative_prompt, len(batch["caption"]))  # encoded once
             negative = {**cond, **negative_text}
         real = None  # teacher data with DINOv2: the teacher's samples, decoded by the objective
         if args.data_source == "real":

@@ -35,6 +35,24 @@ FAMILIES = ("sd3", "flux")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 """Attention projections of both streams (diffusers' SD3 and Flux LoRA scripts adapt the same)."""
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for FLUX.1-dev
+TOKEN_PATCH = 2  # latent pixels per token side: SD3's patch_size, Flux's 2 x 2 packing
+VAE_FACTOR = 8  # the SD3 / SD3.5 / FLUX.1 VAEs downsample by 8 (four levels: 2 ** 3)
+
+
+def resolution_problem(resolution: int, family: str, vae_factor: int = VAE_FACTOR) -> str | None:
+    """Why ``--resolution`` cannot be used, or ``None``: the side must be a multiple of VAE factor x patch.
+
+    SD3's pipeline refuses other sides and Flux's silently resizes them; the message names the
+    flag, the value and the nearest valid sides.
+    """
+    multiple = vae_factor * TOKEN_PATCH
+    if resolution % multiple == 0:
+        return None
+    low, high = resolution - resolution % multiple, resolution - resolution % multiple + multiple
+    nearest = f"{low} or {high}" if low > 0 else str(high)
+    name = {"sd3": "SD3", "flux": "Flux"}[family]
+    return (f"--resolution {resolution}: {name} needs a multiple of {multiple} (the VAE downsamples by "
+            f"{vae_factor}, a token covers {TOKEN_PATCH} x {TOKEN_PATCH} latent pixels); nearest valid: {nearest}")  # fmt: skip
 
 
 @dataclass
@@ -110,6 +128,8 @@ def assemble(args: argparse.Namespace, pipe: Any) -> FlowModels:
     student.train()
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    if problem := resolution_problem(args.resolution, args.model, pipe.vae_scale_factor):
+        raise RecipeError(problem)  # a checkpoint whose VAE is not the 8x one the flag was checked against
     schedule = flow_schedule(pipe, args.resolution)
     return FlowModels(args.model, pipe, student, teacher, schedule, guidance)
 
@@ -142,6 +162,9 @@ class PromptEncoder:
     ``cond`` holds ``encoder_hidden_states`` and ``pooled_projections`` (and ``guidance`` for a
     guidance-distilled Flux); ``pooled`` conditions the discriminator's heads.
 
+    A fixed prompt (the empty one of CFG, NFSD's negative) is encoded once per encoder with
+    `fixed` and repeated for each batch, rather than run through T5 and CLIP at every step.
+
     Args:
         pipe: a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its ``encode_prompt`` runs).
         guidance: the Flux guidance-embedding scale, or ``None``.
@@ -158,6 +181,15 @@ class PromptEncoder:
             device,
             max_sequence_length,
         )
+        self._fixed: dict[str, tuple[dict[str, Any], torch.Tensor]] = {}
+
+    def fixed(self, caption: str, n: int) -> tuple[dict[str, Any], torch.Tensor]:
+        """``self([caption] * n)``, with ``caption`` encoded on the first call only (then repeated)."""
+        if caption not in self._fixed:
+            self._fixed[caption] = self([caption])
+        cond, pooled = self._fixed[caption]
+        cond = {k: v.repeat(n, *(1,) * (v.ndim - 1)) if torch.is_tensor(v) else v for k, v in cond.items()}
+        return cond, pooled.repeat(n, 1)
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -182,8 +214,11 @@ class PromptEncoder:
 
 
 def unconditional(prompts: PromptEncoder, cond: dict[str, Any]) -> dict[str, Any]:
-    """The empty caption's conditioning (SD3's negative prompt), same batch (Flux keeps its guidance)."""
-    empty, _ = prompts([""] * cond["encoder_hidden_states"].shape[0])
+    """The empty caption's conditioning (SD3's negative prompt), same batch (Flux keeps its guidance).
+
+    Encoded once per ``prompts`` (`PromptEncoder.fixed`), not at every step.
+    """
+    empty, _ = prompts.fixed("", cond["encoder_hidden_states"].shape[0])
     return {**cond, **{k: v for k, v in empty.items() if k != "guidance"}}
 
 

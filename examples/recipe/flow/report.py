@@ -9,7 +9,8 @@
   ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder with the student's transformer (LoRA
   fused) and a scheduler set to sample as the student was trained: ``stochastic_sampling=True``
   is ADD's fresh re-noising; pass the student's times as ``sigmas=[1.0, 0.75, 0.5, 0.25]`` to
-  the SD3 pipeline (Flux's default sigmas are those already).
+  the SD3 pipeline (Flux's default sigmas are those already). ``export/README.md`` (`card`) gives
+  the whole call (steps, sigmas, guidance, size): the pipeline's own defaults are 28 steps.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import recipe.flow.models as fm
 import recipe.flow.tiny as tiny
+from recipe.flow import card
 import addkit
 from recipe.report import feature_distance, save_grid
 from addkit.sampling import sample
@@ -107,4 +109,5 @@ def export(state: Any, student: Any) -> Path:
         )
         parts = {**models.pipe.components, "transformer": transformer, "scheduler": scheduler}
         pipeline_cls(**parts).save_pretrained(out)
+    card.write(args, models, out)  # the call that suits the student: the pipeline's defaults are not stored
     return out

@@ -34,6 +34,7 @@ from addkit.testing import (
 )
 
 RESOLUTION = 32  # pixels; the VAE downsamples by 2: latents 4 x 16 x 16 (64 SD3 patches, 64 Flux tokens)
+VAE_FACTOR = 2  # the tiny VAE's two levels
 MAX_TOKENS = 48  # CLIP and T5 sequence length (characters: every tiny caption fits)
 T5_WIDTH = {"sd3": 32, "flux": 16}  # SD3 pads the two CLIPs' 2 x 16 channels to T5's width
 VAE_SHIFT, VAE_SCALE = 0.1, 1.5  # SD3 / Flux VAEs store a shift_factor as well as a scaling_factor
