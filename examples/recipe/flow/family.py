@@ -89,7 +89,7 @@ class FlowFamily:
         }
 
     def conflicts(self, args: argparse.Namespace) -> list[str]:
-        out = []
+        out = fm.diffusers_conflicts()
         if args.mixed_precision == "fp16":
             out.append("--mixed-precision fp16: SD3 and Flux are trained and released in bf16 and their "
                        "activations overflow float16; use bf16")  # fmt: skip
