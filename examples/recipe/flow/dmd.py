@@ -40,7 +40,7 @@ def gan_head(
         fm.default_taps(inner, 1),
         channels=[width],
         call=addkit.wrap(fake.network, models.schedule, "flow"),
-        select=fm.image_tokens,
+        select=fm.image_token_select(models.pipe, args.resolution),
         logit_mean=args.disc_logit_mean,
         logit_std=args.disc_logit_std,
         noise_space=args.disc_noise_space,

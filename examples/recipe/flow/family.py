@@ -92,7 +92,7 @@ class FlowFamily:
         }
 
     def conflicts(self, args: argparse.Namespace) -> list[str]:
-        out = []
+        out = fm.diffusers_conflicts()
         vae_factor = tiny.VAE_FACTOR if args.preset == "tiny" else fm.VAE_FACTOR
         if problem := fm.resolution_problem(args.resolution, args.model, vae_factor):
             out.append(problem)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,12 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale for FLUX.1-dev
 TOKEN_PATCH = 2  # latent pixels per token side: SD3's patch_size, Flux's 2 x 2 packing
 VAE_FACTOR = 8  # the SD3 / SD3.5 / FLUX.1 VAEs downsample by 8 (four levels: 2 ** 3)
+
+DIFFUSERS_FLOOR = "0.35.2"
+"""The oldest diffusers the recipe runs on (pyproject's floor): the first whose SD3 and Flux
+pipelines import beside transformers 5 (0.30.3 to 0.35.1 import ``FLAX_WEIGHTS_NAME``, which
+transformers 5 removed). Older ones also lack the exported scheduler's ``stochastic_sampling``
+(before 0.34, silently ignored) and 2-D Flux ``txt_ids`` / ``img_ids`` (0.30)."""
 
 
 def resolution_problem(resolution: int, family: str, vae_factor: int = VAE_FACTOR) -> str | None:
@@ -76,6 +84,20 @@ class FlowModels:
     @property
     def pooled_dim(self) -> int:
         return int(self.transformer.config.pooled_projection_dim)
+
+
+def diffusers_conflicts() -> list[str]:
+    """A message when the installed diffusers is older than `DIFFUSERS_FLOOR` (none otherwise)."""
+    import diffusers
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) >= Version(DIFFUSERS_FLOOR):
+        return []
+    return [
+        f"diffusers {diffusers.__version__} is older than add_flow.py's floor {DIFFUSERS_FLOOR} (older SD3 / "
+        "Flux pipelines do not import beside transformers 5, and an exported scheduler's "
+        f"stochastic_sampling needs 0.34): pip install -U 'diffusers>={DIFFUSERS_FLOOR}'"
+    ]
 
 
 def flow_schedule(pipe: Any, resolution: int) -> addkit.FlowSchedule:
@@ -258,9 +280,37 @@ def default_taps(transformer: nn.Module, count: int) -> list[str]:
     return [names[round((k + 1) * len(names) / count) - 1] for k in range(count)]
 
 
-def image_tokens(output: Any) -> torch.Tensor:
-    """The image stream of a joint block's output ``(text tokens, image tokens)`` (SD3 and Flux)."""
-    return output[1]
+def image_token_count(pipe: Any, resolution: int) -> int:
+    """Image tokens of a ``resolution``-pixel image: one per 2 x 2 latent patch (SD3 and Flux)."""
+    side = resolution // pipe.vae_scale_factor
+    return (side // 2) ** 2
+
+
+def image_tokens(output: Any, num_image: int) -> torch.Tensor:
+    """The image stream ``[B, num_image, C]`` of a transformer block's output, in each diffusers form.
+
+    SD3's joint blocks and Flux's double-stream blocks return ``(text tokens, image tokens)``
+    (every diffusers release; SD3's last block gives ``None`` for the text), and so do Flux's
+    single-stream blocks from diffusers 0.35. Before 0.35 a single-stream block returns one
+    tensor, the text tokens followed by the image tokens: its last ``num_image`` tokens.
+
+    Raises:
+        ValueError: a tensor output with no more than ``num_image`` tokens (the resolution the
+            count was built for is not the one run).
+    """
+    if isinstance(output, (tuple, list)):
+        return output[1]
+    if output.ndim != 3 or output.shape[1] <= num_image:
+        raise ValueError(
+            f"image_tokens: a single-stream block's output must be [B, text + {num_image} image tokens, C], "
+            f"got shape {tuple(output.shape)}: was the discriminator built for another resolution?"
+        )
+    return output[:, -num_image:]
+
+
+def image_token_select(pipe: Any, resolution: int) -> Callable[[Any], torch.Tensor]:
+    """`image_tokens` for ``resolution``-pixel images: the ``select`` of teacher-feature taps."""
+    return functools.partial(image_tokens, num_image=image_token_count(pipe, resolution))
 
 
 NOISE_DIM = 64
@@ -291,7 +341,7 @@ def build_discriminator(
                 taps,
                 channels=[width] * len(taps),
                 call=teacher,
-                select=image_tokens,
+                select=image_token_select(models.pipe, args.resolution),
                 logit_mean=args.disc_logit_mean,
                 logit_std=args.disc_logit_std,
                 noise_space=args.disc_noise_space,
