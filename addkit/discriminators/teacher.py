@@ -91,20 +91,26 @@ def noise_fraction(schedule: Any, t: Tensor) -> Tensor:
     return s / (a + s)
 
 
+def _fraction_grid(schedule: Any, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Times and their noise fractions on ``device`` (float64), unchecked: no host read."""
+    low, high = schedule.t_range
+    if schedule.is_discrete:
+        grid = torch.arange(int(low), int(high) + 1, dtype=torch.float64, device=device)
+    else:
+        grid = torch.linspace(float(low), float(high), _GRID_POINTS, dtype=torch.float64, device=device)
+    return grid, noise_fraction(schedule, grid.to(schedule.time_dtype)).double()
+
+
 def noise_fraction_table(schedule: Any) -> tuple[Tensor, Tensor]:
     """Times and their noise fractions ``(grid, table)`` (CPU float64), checked to rise with ``t``.
 
     Every integer timestep of a discrete schedule; 4,097 evenly spaced times of a continuous one.
+    Built on the CPU even inside a ``torch.device("meta")`` context (a model built on meta).
 
     Raises:
         ValueError: if the noise fraction falls anywhere (it cannot be inverted).
     """
-    low, high = schedule.t_range
-    if schedule.is_discrete:
-        grid = torch.arange(int(low), int(high) + 1, dtype=torch.float64)
-    else:
-        grid = torch.linspace(float(low), float(high), _GRID_POINTS, dtype=torch.float64)
-    table = noise_fraction(schedule, grid.to(schedule.time_dtype)).double().cpu()
+    grid, table = _fraction_grid(schedule, "cpu")
     if not bool((table[1:] >= table[:-1]).all()):
         raise ValueError(
             "noise_fraction_table: the schedule's noise fraction sigma / (alpha + sigma) must rise with t "
@@ -286,7 +292,8 @@ class TeacherFeatures(FrozenFeatures):
         self.logit_std = float(logit_std)
         self.noise_space: NoiseSpace = noise_space
         self.layout: FeatureLayout = layout
-        self._table = noise_fraction_table(schedule) if noise_space == "sigma" and t is None else None
+        if noise_space == "sigma" and t is None:
+            noise_fraction_table(schedule)  # checked here, once; built on the draws' device when first used
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.select = select
         self.stop_early = stop_early
@@ -319,11 +326,10 @@ class TeacherFeatures(FrozenFeatures):
         u = sample_logit_normal(
             batch_size, mean=self.logit_mean, std=self.logit_std, generator=generator, device=device
         )
-        if self._table is not None:
-            dev = u.device
-            if dev not in self._tables:
-                self._tables[dev] = (self._table[0].to(dev), self._table[1].to(dev))
-            return time_at_noise_fraction(self.schedule, u, table=self._tables[dev])
+        if self.noise_space == "sigma":
+            if u.device not in self._tables:
+                self._tables[u.device] = _fraction_grid(self.schedule, u.device)
+            return time_at_noise_fraction(self.schedule, u, table=self._tables[u.device])
         low, high = self.schedule.t_range
         t = low + (high - low) * u.double()
         return t.round().to(dtype) if self.schedule.is_discrete else t.to(dtype)

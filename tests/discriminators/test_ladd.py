@@ -199,3 +199,11 @@ def test_noise_conditioning_needs_a_feature_network_that_draws_t() -> None:
         _ladd_discriminator().__class__(_ladd_discriminator().features, c_noise_dim=7)
     with pytest.raises(ValueError, match="got t but the heads were built with c_noise_dim=None"):
         ProjectedDiscriminator(Plain()).classify([torch.randn(2, 4, 9)], t=0.5)
+
+
+def test_built_inside_a_meta_device_context() -> None:
+    """The memory plan builds models under ``torch.device("meta")``: the noise-level table stays real."""
+    with torch.device("meta"):
+        feats = TeacherFeatures(_PatchNet(), FlowSchedule(shift=3.0), ["blocks.0"], channels=[16])
+    t = feats.sample_t(4, generator=torch.Generator().manual_seed(0))
+    assert t.device.type == "cpu" and bool(((t > 0) & (t < 1)).all())
