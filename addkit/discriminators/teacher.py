@@ -9,9 +9,10 @@ $$ x_{\\hat t} = \\alpha_{\\hat t}\\, x_0 + \\sigma_{\\hat t}\\, \\epsilon, \\qq
 
 (logit-normal, LADD's $m = 1, s = 1$, biased to high noise), or a fixed $\\hat t$.
 
-**Where the logit-normal lives** (``noise_space``). LADD states $\\pi(\\hat t)$ on the noise
-level of the rectified flow the discriminator sees, $x_{\\hat t} = (1 - \\hat t)\\,x_0 + \\hat t\\,
-\\epsilon$. addkit's default ``noise_space="sigma"`` draws exactly that quantity for any schedule:
+**Where the logit-normal lives** (``noise_space``). LADD writes $\\pi(\\hat t; m, s)$ in the
+rectified-flow notation of SD3, where $\\hat t$ is the noise level the discriminator's input
+carries, $x_{\\hat t} = (1 - \\hat t)\\,x_0 + \\hat t\\,\\epsilon$ (our reading: the paper does
+not discuss a shifted schedule). addkit's default ``noise_space="sigma"`` draws exactly that quantity for any schedule:
 the *noise fraction* $r = \\sigma_t / (\\alpha_t + \\sigma_t)$ (the flow's $\\sigma$; for a VP
 schedule the flow noise level of equal signal-to-noise ratio, $\\log \\mathrm{SNR} =
 -2\\operatorname{logit} r$) is logit-normal, and $t$ is the time where the schedule reaches it.
@@ -214,7 +215,7 @@ class TeacherFeatures(FrozenFeatures):
         logit_mean: $m$ of the logit-normal (LADD: 1).
         logit_std: $s$ of the logit-normal (LADD: 1).
         noise_space: ``"sigma"`` (default: the logit-normal is the noise level the
-            discriminator sees, as LADD states it) or ``"time"`` (the schedule's unshifted
+            discriminator sees, as we read LADD) or ``"time"`` (the schedule's unshifted
             time, addkit < 0.4's behaviour).
         layout: ``"grid"`` (default: ``[B, C, h, w]`` per tap, for 2-D heads) or ``"tokens"``
             (``[B, C, N]``, for StyleGAN-T's 1-D heads).
