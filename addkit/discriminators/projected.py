@@ -3,7 +3,11 @@
 $$ D(x, c) = \\big[\\, h_k(F_k(\\operatorname{aug}(x)),\\ c) \\,\\big]_{k=1}^{K_{taps}}
    \\in \\mathbb{R}^{B \\times \\sum_k N_k} $$
 
-one logit per token of every tap, concatenated (higher = real). A feature network that
+one logit per token of every tap, concatenated (higher = real). The loss decides how to
+reduce them; addkit's losses default to sum over heads, mean over tokens and batch when
+given the list of heads, which ``per_head=True`` returns.
+
+A feature network that
 declares ``layout = "grid"`` (e.g. [`TeacherFeatures`][addkit.discriminators.teacher.TeacherFeatures])
 returns ``[B, C_k, h_k, w_k]`` maps and gets 2-D heads; token features ``[B, C_k, N_k]`` get
 StyleGAN-T's 1-D heads.
@@ -14,9 +18,7 @@ $\\hat t$: one draw per sample feeds both the features and a sinusoidal embeddin
 fraction $r = \\sigma_{\\hat t}/(\\alpha_{\\hat t} + \\sigma_{\\hat t})$ (1,000 r, as diffusion
 models embed time), concatenated with the text and image embeddings before each head's
 projection. Without it a head must judge a nearly clean and a nearly pure-noise input with the
-same weights. The loss decides how to
-reduce them; addkit's losses default to sum over heads, mean over tokens and batch when
-given the list of heads, which ``per_head=True`` returns.
+same weights.
 
 The feature network is held *outside* the module tree: ``parameters()``, ``state_dict()``,
 ``requires_grad_()`` and DDP see only the heads, so an optimizer built from
@@ -45,8 +47,8 @@ from torch import Tensor, nn
 from addkit._checks import check_callable, check_finite_inputs, check_floating, check_positive_int
 from addkit._dtype import as_module_dtype
 from addkit.discriminators.clip import CLIPFeatures
-from addkit.discriminators.teacher import noise_fraction
 from addkit.discriminators.heads import DiscHead, HeadNorm, noise_level_embedding
+from addkit.discriminators.teacher import noise_fraction
 from addkit.discriminators.vit import DINOv2Features
 from addkit.typing import FeatureNetwork
 
@@ -352,7 +354,7 @@ class ProjectedDiscriminator(nn.Module):
                 f"{fn}: expected {len(self.heads)} feature tensors (one per head), got {len(features)}"
             )
         check_finite_inputs(fn, features=list(features), c_text=c_text, c_image=c_image)
-        c = self._conditioning(fn, c_text, c_image, features[0].shape[0], t)
+        c = self._conditioning(fn, c_text, c_image, features[0].shape[0], t, features[0].device)
         dtype = next(self.heads.parameters()).dtype
         cast = not torch.is_autocast_enabled(features[0].device.type)
         c = c.to(dtype) if c is not None and cast else c
@@ -404,7 +406,13 @@ class ProjectedDiscriminator(nn.Module):
         return self.classify(features or [], c_text, c_image, t=head_t, per_head=per_head)
 
     def _conditioning(
-        self, fn: str, c_text: Tensor | None, c_image: Tensor | None, batch: int, t: Tensor | float | None
+        self,
+        fn: str,
+        c_text: Tensor | None,
+        c_image: Tensor | None,
+        batch: int,
+        t: Tensor | float | None,
+        device: torch.device,
     ) -> Tensor | None:
         parts = []
         for name, c, dim in (("c_text", c_text, self.c_text_dim), ("c_image", c_image, self.c_image_dim)):
@@ -427,7 +435,6 @@ class ProjectedDiscriminator(nn.Module):
                     f"{fn}: t (the noise level the features were drawn at) is required: the heads were built "
                     f"with c_noise_dim={self.c_noise_dim}"
                 )
-            device = parts[0].device if parts else None
             t = torch.as_tensor(t, device=device)
             if t.ndim == 0:
                 t = t.expand(batch)

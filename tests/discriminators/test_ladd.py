@@ -207,3 +207,11 @@ def test_built_inside_a_meta_device_context() -> None:
         feats = TeacherFeatures(_PatchNet(), FlowSchedule(shift=3.0), ["blocks.0"], channels=[16])
     t = feats.sample_t(4, generator=torch.Generator().manual_seed(0))
     assert t.device.type == "cpu" and bool(((t > 0) & (t < 1)).all())
+
+
+def test_a_scalar_noise_level_without_text_conditioning() -> None:
+    torch.manual_seed(0)
+    feats = TeacherFeatures(_PatchNet(), FlowSchedule(), ["blocks.0"], channels=[16])
+    D = ProjectedDiscriminator(feats, c_noise_dim=4).eval()
+    maps = D.extract(torch.randn(2, 4, 4, 4), t=0.5)
+    torch.testing.assert_close(D.classify(maps, t=0.5), D.classify(maps, t=torch.tensor([0.5, 0.5])))
