@@ -213,5 +213,5 @@ def test_a_scalar_noise_level_without_text_conditioning() -> None:
     torch.manual_seed(0)
     feats = TeacherFeatures(_PatchNet(), FlowSchedule(), ["blocks.0"], channels=[16])
     D = ProjectedDiscriminator(feats, c_noise_dim=4).eval()
-    maps = D.extract(torch.randn(2, 4, 4, 4), t=0.5)
+    maps = D.extract(torch.randn(2, 4, 4, 4), t=torch.full((2,), 0.5))
     torch.testing.assert_close(D.classify(maps, t=0.5), D.classify(maps, t=torch.tensor([0.5, 0.5])))
