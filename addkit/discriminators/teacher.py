@@ -65,7 +65,7 @@ from addkit.discriminators.features import (
     to_tokens,
 )
 
-__all__ = ["NoiseSpace", "TeacherFeatures", "noise_fraction", "noise_fraction_table", "sample_logit_normal", "to_grid",
+__all__ = ["FeatureLayout", "NoiseSpace", "TeacherFeatures", "noise_fraction", "noise_fraction_table", "sample_logit_normal", "to_grid",
            "time_at_noise_fraction"]
 
 NoiseSpace = Literal["sigma", "time"]
@@ -73,6 +73,7 @@ NoiseSpace = Literal["sigma", "time"]
 $\\sigma_t / (\\alpha_t + \\sigma_t)$ (``"sigma"``) or the schedule's unshifted time (``"time"``)."""
 
 FeatureLayout = Literal["grid", "tokens"]
+"""How ``TeacherFeatures`` returns a tap: on its spatial grid ``[B, C, h, w]`` or as tokens ``[B, C, N]``."""
 
 _GRID_POINTS = 4097  # a continuous schedule's noise fraction is tabulated on this many times
 

@@ -33,13 +33,13 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from addkit import FlowSchedule, ProjectedDiscriminator, TeacherFeatures, wrap
+from addkit.discriminators.teacher import FeatureLayout
 from addkit.objective import ADDObjective
 from addkit.sampling import sample
 
@@ -145,11 +145,8 @@ def euler_sample(denoiser: object, labels: Tensor, steps: int, generator: torch.
     return x0.clamp(-1, 1)
 
 
-HeadKind = Literal["grid", "tokens"]
-
-
 def ladd_discriminator(
-    teacher: nn.Module, logit_mean: float = 1.0, *, heads: HeadKind = "grid", t: float | None = None
+    teacher: nn.Module, logit_mean: float = 1.0, *, heads: FeatureLayout = "grid", t: float | None = None
 ) -> ProjectedDiscriminator:
     """LADD's discriminator: heads on the flow teacher's taps, conditioned on the class (one-hot).
 
@@ -173,7 +170,7 @@ class LaddConfig:
     """LADD's discriminator in the toy: the noise levels' logit-normal mean and the heads."""
 
     logit_mean: float = 1.0
-    heads: HeadKind = "grid"
+    heads: FeatureLayout = "grid"
 
 
 def distill_flow(

@@ -107,8 +107,7 @@ def flow_schedule(pipe: Any, resolution: int) -> addkit.FlowSchedule:
         return addkit.FlowSchedule.from_diffusers(scheduler)
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    side = resolution // pipe.vae_scale_factor
-    tokens = (side // 2) ** 2  # Flux packs 2 x 2 latent patches into one token
+    tokens = image_token_count(pipe, resolution)  # Flux packs 2 x 2 latent patches into one token
     cfg = scheduler.config
     mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
     return addkit.FlowSchedule.from_diffusers(scheduler, mu=mu)
